@@ -1,0 +1,3 @@
+from nspawn_runner.main import main
+
+main()

@@ -1,0 +1,123 @@
+"""The life of a job's machine: boot it from an image through systemd-run, tear it down."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nspawn_runner import backends, dbus, log, proc, state
+from nspawn_runner.backends import Backend
+from nspawn_runner.errors import Cancelled, CommandError, SystemFailure
+
+GITLAB_RUNNER_INSIDE = "/usr/local/bin/gitlab-runner"
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    machine: str
+    unit: str
+    image: str
+    image_path: Path
+    backend: Backend
+    root: Path
+    boot_timeout: int
+    stop_timeout: int
+    binds: tuple[tuple[Path, str], ...] = ()  # (host path, path inside), read-write
+    binds_ro: tuple[tuple[Path, str], ...] = ()
+    description: str = ""
+
+    @property
+    def overlay(self) -> Path | None:
+        if self.backend is Backend.OVERLAY:
+            return backends.overlay_dir(self.root, self.machine)
+        return None
+
+
+def boot_command(spec: BootSpec) -> list[str]:
+    upper = spec.overlay / "upper" if spec.overlay else None
+    return [
+        "systemd-run",
+        "--quiet",
+        f"--unit={spec.unit}",
+        "--collect",
+        f"--description={spec.description or 'nspawn-runner machine ' + spec.machine}",
+        "--property=Type=notify",
+        "--property=Slice=machine.slice",
+        "--property=Delegate=yes",
+        "--property=KillMode=mixed",
+        f"--property=TimeoutStartSec={spec.boot_timeout}",
+        f"--property=TimeoutStopSec={spec.stop_timeout}",
+        "--",
+        "systemd-nspawn",
+        "--quiet",
+        "--keep-unit",
+        "--boot",
+        "--notify-ready=yes",
+        f"--machine={spec.machine}",
+        f"--directory={spec.image_path}",
+        *backends.nspawn_args(spec.backend, spec.image_path, upper),
+        # Ignore .nspawn files next to the image: a job's machine is defined here, not there.
+        "--settings=no",
+        "--link-journal=no",
+        "--console=read-only",
+        *[f"--bind={backends.escape(h)}:{backends.escape(i)}" for h, i in spec.binds],
+        *[f"--bind-ro={backends.escape(h)}:{backends.escape(i)}" for h, i in spec.binds_ro],
+    ]
+
+
+def _journal_tail(unit: str, lines: int = 15) -> str:
+    out = proc.run(["journalctl", "--no-pager", "-o", "cat", "-n", str(lines), "-u", unit],
+                   check=False, capture=True)
+    return out.stdout.strip()
+
+
+def boot(spec: BootSpec) -> None:
+    """Start the machine; return once its init reported ready. On any failure, including
+    cancellation, nothing is left behind."""
+    start = time.monotonic()
+    try:
+        if spec.overlay:
+            (spec.overlay / "upper").mkdir(parents=True)
+        for host, _ in spec.binds:
+            host.mkdir(parents=True, exist_ok=True)
+        proc.run(boot_command(spec), timeout=spec.boot_timeout + 30)
+    except CommandError as e:
+        tail = _journal_tail(spec.unit)
+        if tail:
+            log.info(f"last messages of {spec.unit}:\n{tail}")
+        teardown(spec.machine, spec.unit, spec.overlay, spec.stop_timeout)
+        if "timeout" in e.stderr.lower() or e.returncode == 124:
+            raise SystemFailure(
+                f"machine {spec.machine} did not boot within {spec.boot_timeout}s "
+                f"(boot_timeout); check that image {spec.image!r} boots: "
+                f"systemd-nspawn -D {spec.image_path} --boot") from None
+        raise SystemFailure(
+            f"machine {spec.machine} failed to boot from image {spec.image!r}: "
+            f"{(tail or e.stderr).strip().splitlines()[-1] if (tail or e.stderr).strip() else e}"
+        ) from None
+    except BaseException:
+        teardown(spec.machine, spec.unit, spec.overlay, spec.stop_timeout)
+        raise
+    log.debug(f"machine {spec.machine} ready in {time.monotonic() - start:.2f}s")
+
+
+def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int) -> None:
+    """Stop the machine and remove its writable layer. Safe to call for a machine that does not
+    exist or is half made, and twice in a row."""
+    # `systemctl stop` waits for the stop job: nspawn has powered the guest off, unmounted the
+    # overlay and removed an ephemeral snapshot when it returns.
+    result = proc.run(["systemctl", "stop", unit], check=False,
+                      timeout=stop_timeout + 30)
+    # 5: unit not loaded, i.e. already gone.
+    if result.returncode not in (0, 5):
+        raise CommandError(["systemctl", "stop", unit], result.returncode, result.stderr)
+    proc.run(["systemctl", "reset-failed", unit], check=False)
+    dbus.wait_gone(machine, timeout=10)
+    if overlay is not None and overlay.exists():
+        shutil.rmtree(overlay)
+    state.remove(machine)
+
+
+__all__ = ["BootSpec", "Cancelled", "boot", "boot_command", "teardown"]

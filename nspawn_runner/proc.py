@@ -1,0 +1,70 @@
+"""The one way external commands run: argv lists only, logged as a copy-pasteable line at
+--verbose, failures raised as `CommandError` carrying argv, exit status and stderr."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+from nspawn_runner import log
+from nspawn_runner.errors import CommandError
+
+Argv = Sequence[str | Path]
+
+
+def redact_argv(argv: Sequence[str]) -> str:
+    return log.mask(shlex.join(argv))
+
+
+def _argv(cmd: Argv) -> list[str]:
+    return [os.fspath(c) for c in cmd]
+
+
+def run(
+    cmd: Argv,
+    *,
+    check: bool = True,
+    capture: bool = False,
+    stdin: int | IO[bytes] | None = subprocess.DEVNULL,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `cmd`. stderr is always captured (it goes into the error); stdout only with
+    `capture`, otherwise to our stderr so a command's chatter never pollutes a stage's stdout."""
+    argv = _argv(cmd)
+    log.debug("+ " + redact_argv(argv))
+    try:
+        proc = subprocess.run(
+            argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE if capture else 2,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=timeout,
+            text=True,
+            errors="replace",
+            check=False,
+        )
+    except FileNotFoundError as e:
+        raise CommandError(argv, 127, f"{argv[0]}: command not found ({e.strerror})") from None
+    except subprocess.TimeoutExpired as e:
+        raise CommandError(argv, 124, f"timed out after {timeout}s") from e
+    if proc.stderr and log.verbose():
+        log.debug(proc.stderr.rstrip())
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, proc.stderr)
+    return proc
+
+
+def spawn(cmd: Argv, *, stdin: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """Start `cmd` with our stdout/stderr, for output that must stream through unbuffered."""
+    argv = _argv(cmd)
+    log.debug("+ " + redact_argv(argv))
+    try:
+        return subprocess.Popen(argv, stdin=stdin)
+    except FileNotFoundError as e:
+        raise CommandError(argv, 127, f"{argv[0]}: command not found ({e.strerror})") from None

@@ -1,0 +1,130 @@
+"""The `run` stage: pipe one job script into the job's machine and report its exit status.
+
+The hot path of the driver (called for every stage of every job): stdlib only, no settings
+file, no D-Bus unless the script failed. What prepare decided is read from the state file."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+from nspawn_runner import job, log, proc, state
+from nspawn_runner.errors import BuildFailure, Cancelled, SystemFailure
+
+SHELLS = {"bash": "/bin/bash", "sh": "/bin/sh"}
+# How long a cancelled step's processes get between SIGTERM and SIGKILL: gitlab-runner's own
+# force-kill comes 10 s after its SIGTERM, and we must be done before that.
+STOP_GRACE = 5
+_UNIT_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def step_unit(stage: str) -> str:
+    """A unit name per call, readable in `systemctl --machine=... list-units`."""
+    return f"ci-{_UNIT_UNSAFE.sub('-', stage)[:40]}-{os.getpid()}.service"
+
+
+def command(st: state.MachineState, unit: str) -> list[str]:
+    shell = SHELLS[st.shell]
+    return [
+        "systemd-run",
+        "--quiet",
+        f"--machine={st.machine}",
+        "--pipe",
+        "--wait",
+        "--collect",
+        f"--unit={unit}",
+        "--service-type=exec",
+        f"--property=TimeoutStopSec={STOP_GRACE}",
+        f"--working-directory={st.home}",
+        # systemd sets these only for units with User=; jobs expect them (pitfall 5).
+        f"--setenv=HOME={st.home}",
+        f"--setenv=USER={st.user}",
+        f"--setenv=LOGNAME={st.user}",
+        f"--setenv=SHELL={shell}",
+        *([f"--uid={st.user}"] if st.user != "root" else []),
+        "--",
+        shell,
+    ]
+
+
+def _exit_code_file(code: int | None) -> None:
+    """BUILD_EXIT_CODE_FILE persists across stages: rewrite it, or remove it on success."""
+    path = os.environ.get("BUILD_EXIT_CODE_FILE")
+    if not path:
+        return
+    if code is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    else:
+        with open(path, "w") as f:
+            f.write(str(code))
+
+
+def _stop(st: state.MachineState, unit: str) -> None:
+    proc.run(["systemctl", f"--machine={st.machine}", "stop", unit], check=False,
+             timeout=STOP_GRACE + 3)
+
+
+def run(script: str, stage: str) -> None:
+    this = job.load()
+    st = state.read(this.machine)
+    if st is None:
+        raise SystemFailure(f"machine {this.machine} was not prepared (no {state.path(this.machine)}):"
+                            " configure prepare_exec to call `nspawn-runner prepare`")
+    for name in st.secret_variables:
+        log.add_secret(os.environ.get("CUSTOM_ENV_" + name, ""))
+    if st.shell not in SHELLS:
+        raise SystemFailure(f"unsupported shell {st.shell!r}; set shell to bash or sh")
+    unit = step_unit(stage)
+    state.cancel_on_signals()
+    try:
+        with open(script, "rb") as f:
+            child = proc.spawn(command(st, unit), stdin=f)
+            try:
+                returncode = child.wait()
+            except Cancelled:
+                # systemd-run got the same SIGTERM and leaves the unit running: stop it.
+                _stop(st, unit)
+                try:
+                    child.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                raise
+    except OSError as e:
+        raise SystemFailure(f"cannot read job script {script}: {e.strerror}") from None
+    if returncode == 0:
+        _exit_code_file(None)
+        return
+    # systemd-run fails the same way when the script failed and when it could not reach the
+    # machine: only a machine that still exists makes it the job's failure (pitfall 2).
+    from nspawn_runner import dbus
+
+    if not dbus.exists(st.machine):
+        raise SystemFailure(f"machine {st.machine} is gone (stopped or crashed) during stage "
+                            f"{stage}; see journalctl -u {st.unit}")
+    _exit_code_file(returncode)
+    raise BuildFailure(returncode)
+
+
+def main(args: list[str]) -> int:
+    """`run [--verbose] SCRIPT STAGE`; gitlab-runner puts its run_args first, so the script
+    and stage are always the last two arguments."""
+    from nspawn_runner.main import finish
+
+    options, positional = args[:-2], args[-2:]
+    for opt in options:
+        if opt in ("-v", "--verbose"):
+            log.set_verbose(True)
+        else:
+            return finish(SystemFailure(
+                f"run: unknown option {opt!r}; usage: nspawn-runner run [--verbose] SCRIPT STAGE"))
+    if len(positional) != 2:
+        return finish(SystemFailure("run: usage: nspawn-runner run [--verbose] SCRIPT STAGE"))
+    try:
+        run(*positional)
+    except BaseException as e:
+        return finish(e)
+    return finish(None)

@@ -1,0 +1,120 @@
+"""The custom-executor stages gitlab-runner calls for every job, but `run` (run_stage.py).
+
+config prints the JSON gitlab-runner reads; prepare boots the job's machine; cleanup removes
+it. See docs/architecture.md for the lifecycle and ../shared/custom-executor-protocol.md for
+the contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from nspawn_runner import __version__, backends, images, job, log, machine, settings, state
+from nspawn_runner.errors import SystemFailure
+from nspawn_runner.settings import Settings
+
+_SERVER = re.compile(r"^[A-Za-z0-9.:-]+$")
+
+
+def config_output(cfg: Settings) -> dict[str, object]:
+    return {
+        "builds_dir": cfg.builds_dir,
+        "cache_dir": cfg.cache_dir,
+        # Every job has its own machine, so its builds dir is never shared with another job.
+        "builds_dir_is_shared": False,
+        "hostname": socket.gethostname(),
+        "driver": {"name": "nspawn-runner", "version": __version__},
+    }
+
+
+def config(cfg: Settings) -> str:
+    """The config stage's stdout: exactly one JSON object and nothing else."""
+    return json.dumps(config_output(cfg))
+
+
+def cache_host_dir(cfg: Settings, this: job.Job) -> Path:
+    # Per GitLab instance and project: a job only ever sees its own project's caches.
+    server = this.server if _SERVER.match(this.server) and ".." not in this.server else "local"
+    return cfg.root / "cache" / server / this.project_path
+
+
+def gitlab_runner_binary(cfg: Settings) -> Path | None:
+    if cfg.gitlab_runner:
+        path = Path(cfg.gitlab_runner)
+        if not path.is_file():
+            raise SystemFailure(f"gitlab_runner = {cfg.gitlab_runner!r} in {settings.config_path()} "
+                                "is not a file; fix the path or leave it empty to search PATH")
+        return path.resolve()
+    found = shutil.which("gitlab-runner")
+    return Path(found).resolve() if found else None
+
+
+def _check_host() -> None:
+    if not os.path.isdir("/run/systemd/system"):
+        raise SystemFailure("this host is not running systemd as PID 1, which nspawn-runner "
+                            "needs to boot machines; run it on a systemd host (see docs/testing.md "
+                            "for the test bed on hosts without it)")
+
+
+def boot_spec(cfg: Settings, this: job.Job, default_image: str = "") -> machine.BootSpec:
+    name, path = images.resolve(cfg, this.image_ref, default_image)
+    backend = backends.choose(cfg.backend, cfg.root)
+    binds_ro: list[tuple[Path, str]] = []
+    runner = gitlab_runner_binary(cfg)
+    if runner is not None:
+        binds_ro.append((runner, machine.GITLAB_RUNNER_INSIDE))
+    else:
+        log.info("nspawn-runner: gitlab-runner was not found on this host, so caches and "
+                 "artifacts are skipped inside the job; install it or set gitlab_runner in "
+                 f"{settings.config_path()}")
+    return machine.BootSpec(
+        machine=this.machine,
+        unit=this.unit,
+        image=name,
+        image_path=path,
+        backend=backend,
+        root=cfg.root,
+        boot_timeout=cfg.boot_timeout,
+        stop_timeout=cfg.stop_timeout,
+        binds=((cache_host_dir(cfg, this), f"{cfg.cache_dir}/{this.project_path}"),),
+        binds_ro=tuple(binds_ro),
+        description=f"nspawn-runner job {this.job_id} on image {name}",
+    )
+
+
+def prepare(cfg: Settings, default_image: str = "") -> None:
+    this = job.load(secret_names=cfg.secret_variables)
+    spec = boot_spec(cfg, this, default_image)
+    _check_host()
+    # A crashed runner or a killed earlier attempt may have left this job's machine behind.
+    machine.teardown(this.machine, this.unit, backends.overlay_dir(cfg.root, this.machine),
+                     cfg.stop_timeout)
+    log.info(f"nspawn-runner: booting machine {this.machine} from image {spec.image!r} "
+             f"({spec.backend} backend)")
+    start = time.monotonic()
+    machine.boot(spec)
+    try:
+        state.write(state.MachineState(
+            machine=this.machine, unit=this.unit, image=spec.image, backend=spec.backend.value,
+            root=str(cfg.root), overlay=str(spec.overlay) if spec.overlay else None,
+            shell=cfg.shell, secret_variables=list(cfg.secret_variables)))
+    except BaseException:
+        machine.teardown(this.machine, this.unit, spec.overlay, cfg.stop_timeout)
+        raise
+    log.info(f"nspawn-runner: machine {this.machine} ready in {time.monotonic() - start:.1f}s")
+
+
+def cleanup(cfg: Settings) -> None:
+    this = job.load(secret_names=cfg.secret_variables)
+    saved = state.read(this.machine)
+    # The settings may have changed since prepare; the state file knows what prepare did.
+    root = Path(saved.root) if saved else cfg.root
+    overlay = Path(saved.overlay) if saved and saved.overlay else backends.overlay_dir(
+        root, this.machine)
+    machine.teardown(this.machine, this.unit, overlay, cfg.stop_timeout)
+    log.debug(f"machine {this.machine} removed")

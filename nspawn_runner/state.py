@@ -1,0 +1,73 @@
+"""What prepare leaves behind for run and cleanup: one small JSON file per machine in /run
+(gone after a reboot, like the machines). JSON and stdlib only: run reads it on its hot path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from nspawn_runner.errors import Cancelled, SystemFailure
+
+RUNTIME_DIR = Path(os.environ.get("NSPAWN_RUNNER_RUNTIME_DIR", "/run/nspawn-runner"))
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class MachineState:
+    machine: str
+    unit: str
+    image: str
+    backend: str
+    root: str
+    overlay: str | None  # directory that cleanup removes, if any
+    shell: str = "bash"
+    user: str = "root"
+    home: str = "/root"
+    secret_variables: list[str] = field(default_factory=list)
+    schema: int = SCHEMA
+
+
+def path(machine: str) -> Path:
+    return RUNTIME_DIR / f"{machine}.json"
+
+
+def write(state: MachineState) -> None:
+    RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=RUNTIME_DIR, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(state), f)
+    os.replace(tmp, path(state.machine))
+
+
+def read(machine: str) -> MachineState | None:
+    try:
+        data = json.loads(path(machine).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise SystemFailure(f"state file {path(machine)} is unreadable ({e}); "
+                            "remove it and retry the job") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise SystemFailure(f"state file {path(machine)} has an unknown format; it was written "
+                            "by another nspawn-runner version: retry the job")
+    return MachineState(**data)
+
+
+def remove(machine: str) -> None:
+    path(machine).unlink(missing_ok=True)
+
+
+def _raise_cancelled(signum: int, frame: FrameType | None) -> None:
+    raise Cancelled(f"received {signal.Signals(signum).name}: job cancelled or timed out")
+
+
+def cancel_on_signals() -> None:
+    """gitlab-runner ends a stage with SIGTERM to our process group (SIGINT from a terminal):
+    turn both into `Cancelled`, so the stage can undo what it started before exiting."""
+    signal.signal(signal.SIGTERM, _raise_cancelled)
+    signal.signal(signal.SIGINT, _raise_cancelled)
