@@ -5,6 +5,7 @@ file, no D-Bus unless the script failed. What prepare decided is read from the s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -54,10 +55,8 @@ def _exit_code_file(code: int | None) -> None:
     if not path:
         return
     if code is None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
     else:
         with open(path, "w") as f:
             f.write(str(code))
@@ -72,8 +71,9 @@ def run(script: str, stage: str) -> None:
     this = job.load()
     st = state.read(this.machine)
     if st is None:
-        raise SystemFailure(f"machine {this.machine} was not prepared (no {state.path(this.machine)}):"
-                            " configure prepare_exec to call `nspawn-runner prepare`")
+        raise SystemFailure(f"machine {this.machine} was not prepared (no "
+                            f"{state.path(this.machine)}): configure prepare_exec to call "
+                            "`nspawn-runner prepare`")
     for name in st.secret_variables:
         log.add_secret(os.environ.get("CUSTOM_ENV_" + name, ""))
     if st.shell not in SHELLS:

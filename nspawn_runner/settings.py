@@ -80,7 +80,8 @@ def _abs_path(value: object) -> Path:
 def _inner_path(value: object) -> str:
     text = _str(value)
     if not text.startswith("/") or text == "/" or ".." in text.split("/") or ":" in text:
-        raise _BadValue("expected an absolute path inside the machine, not '/', without '..' or ':'")
+        raise _BadValue(
+            "expected an absolute path inside the machine, not '/', without '..' or ':'")
     return text.rstrip("/")
 
 
@@ -155,7 +156,8 @@ def _read(path: Path) -> dict[str, object]:
     try:
         return tomlkit.parse(text).unwrap()
     except ParseError as e:
-        raise SettingsError(f"settings file {path} is not valid TOML: {e}; fix the syntax") from None
+        raise SettingsError(
+            f"settings file {path} is not valid TOML: {e}; fix the syntax") from None
 
 
 def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:

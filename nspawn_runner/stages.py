@@ -47,8 +47,9 @@ def gitlab_runner_binary(cfg: Settings) -> Path | None:
     if cfg.gitlab_runner:
         path = Path(cfg.gitlab_runner)
         if not path.is_file():
-            raise SystemFailure(f"gitlab_runner = {cfg.gitlab_runner!r} in {settings.config_path()} "
-                                "is not a file; fix the path or leave it empty to search PATH")
+            raise SystemFailure(
+                f"gitlab_runner = {cfg.gitlab_runner!r} in {settings.config_path()} is not a "
+                "file; fix the path or leave it empty to search PATH")
         return path.resolve()
     found = shutil.which("gitlab-runner")
     return Path(found).resolve() if found else None

@@ -1,0 +1,38 @@
+import tomlkit
+from typer.testing import CliRunner
+
+from nspawn_runner import toml_block
+from nspawn_runner.cli import app
+from nspawn_runner.settings import Settings
+
+
+def test_block_parses_back() -> None:
+    text = toml_block.render(Settings(boot_timeout=100, stop_timeout=5), "bookworm", "r1",
+                             exe=["/usr/local/bin/nspawn-runner"])
+    doc = tomlkit.parse(text).unwrap()
+    (runner,) = doc["runners"]
+    assert runner["executor"] == "custom"
+    assert runner["name"] == "r1"
+    assert runner["builds_dir"] == "/builds" and runner["cache_dir"] == "/cache"
+    custom = runner["custom"]
+    for stage in ("config", "prepare", "run", "cleanup"):
+        assert custom[f"{stage}_exec"] == "/usr/local/bin/nspawn-runner"
+    assert custom["config_args"] == ["config"]
+    assert custom["prepare_args"] == ["prepare", "--default-image", "bookworm"]
+    assert custom["run_args"] == ["run"]
+    assert custom["cleanup_args"] == ["cleanup"]
+    assert custom["prepare_exec_timeout"] > 100  # above boot_timeout
+    assert custom["force_kill_timeout"] == 10
+
+
+def test_python_m_invocation() -> None:
+    text = toml_block.render(Settings(), exe=["/usr/bin/python3", "-m", "nspawn_runner"])
+    custom = tomlkit.parse(text).unwrap()["runners"][0]["custom"]
+    assert custom["run_exec"] == "/usr/bin/python3"
+    assert custom["run_args"] == ["-m", "nspawn_runner", "run"]
+
+
+def test_cli_toml_refuses_bad_default_image() -> None:
+    result = CliRunner().invoke(app, ["toml", "--default-image", "../etc"])
+    assert result.exit_code == 2
+    assert "invalid image name" in result.output
