@@ -1,7 +1,7 @@
 """The `run` stage: pipe one job script into the job's machine and report its exit status.
 
 The hot path of the driver (called for every stage of every job): stdlib only, no settings
-file, no D-Bus unless the script failed. What prepare decided is read from the state file."""
+file, no D-Bus. What prepare decided is read from the state file."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ def step_unit(stage: str) -> str:
 
 
 def command(st: state.MachineState, unit: str) -> list[str]:
+    """systemd-run reads the script from our stdin; the step's exit status comes back through
+    a file, because systemd-run --wait also exits 0 when it loses the machine mid-step (the
+    machine stopped, or its D-Bus daemon died) and exits non-zero when it could not start the
+    step at all: only the file says what the script itself did."""
     shell = SHELLS[st.shell]
     return [
         "systemd-run",
@@ -45,7 +49,10 @@ def command(st: state.MachineState, unit: str) -> list[str]:
         f"--setenv=SHELL={shell}",
         *([f"--uid={st.user}"] if st.user != "root" else []),
         "--",
-        shell,
+        "/bin/sh",
+        "-c",
+        f'{shell}; echo $? > "$0"',
+        f"{state.RESULTS_INSIDE}/{unit}.status",
     ]
 
 
@@ -95,18 +102,27 @@ def run(script: str, stage: str) -> None:
                 raise
     except OSError as e:
         raise SystemFailure(f"cannot read job script {script}: {e.strerror}") from None
-    if returncode == 0:
+    status = _step_status(st, unit)
+    if status is None:
+        raise SystemFailure(
+            f"stage {stage} in machine {st.machine} ended without an exit status (systemd-run "
+            f"exited {returncode}): the machine stopped or crashed, or its D-Bus daemon died; "
+            f"see journalctl -u {st.unit}")
+    if status == 0:
         _exit_code_file(None)
         return
-    # systemd-run fails the same way when the script failed and when it could not reach the
-    # machine: only a machine that still exists makes it the job's failure (pitfall 2).
-    from nspawn_runner import dbus
+    _exit_code_file(status)
+    raise BuildFailure(status)
 
-    if not dbus.exists(st.machine):
-        raise SystemFailure(f"machine {st.machine} is gone (stopped or crashed) during stage "
-                            f"{stage}; see journalctl -u {st.unit}")
-    _exit_code_file(returncode)
-    raise BuildFailure(returncode)
+
+def _step_status(st: state.MachineState, unit: str) -> int | None:
+    path = state.results_dir(st.machine) / f"{unit}.status"
+    try:
+        text = path.read_text()
+        path.unlink()
+        return int(text)
+    except (OSError, ValueError):
+        return None
 
 
 def main(args: list[str]) -> int:

@@ -133,6 +133,19 @@ SETTINGS: tuple[Row, ...] = (
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.name != "origins"}
 
 
+def reference_markdown() -> str:
+    """docs/configuration.md's table, made from SETTINGS so the docs cannot drift."""
+    lines = ["| key | default | environment | meaning |", "|---|---|---|---|"]
+    for row in SETTINGS:
+        default = row.default
+        if isinstance(default, tuple):
+            default = list(default)
+        shown = f"`{default}`" if default not in ("", []) else "(empty)"
+        lines.append(f"| `{row.name}` | {shown} | {f'`{row.env}`' if row.env else ''} "
+                     f"| {row.help} |")
+    return "\n".join(lines) + "\n"
+
+
 def config_path() -> Path:
     return Path(os.environ.get("NSPAWN_RUNNER_CONFIG", DEFAULT_CONFIG))
 

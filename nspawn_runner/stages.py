@@ -82,7 +82,10 @@ def boot_spec(cfg: Settings, this: job.Job, default_image: str = "") -> machine.
         root=cfg.root,
         boot_timeout=cfg.boot_timeout,
         stop_timeout=cfg.stop_timeout,
-        binds=((cache_host_dir(cfg, this), f"{cfg.cache_dir}/{this.project_path}"),),
+        binds=(
+            (cache_host_dir(cfg, this), f"{cfg.cache_dir}/{this.project_path}"),
+            (state.results_dir(this.machine), state.RESULTS_INSIDE),
+        ),
         binds_ro=tuple(binds_ro),
         description=f"nspawn-runner job {this.job_id} on image {name}",
     )

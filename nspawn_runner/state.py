@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -32,11 +31,22 @@ class MachineState:
     schema: int = SCHEMA
 
 
+# Inside every machine: where each step leaves its exit status (see run_stage.command).
+RESULTS_INSIDE = "/run/nspawn-runner"
+
+
 def path(machine: str) -> Path:
     return RUNTIME_DIR / f"{machine}.json"
 
 
+def results_dir(machine: str) -> Path:
+    """Host side of RESULTS_INSIDE for `machine`."""
+    return RUNTIME_DIR / f"{machine}.d"
+
+
 def write(state: MachineState) -> None:
+    import tempfile  # not needed by run, which only reads
+
     RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=RUNTIME_DIR, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -59,6 +69,9 @@ def read(machine: str) -> MachineState | None:
 
 
 def remove(machine: str) -> None:
+    import shutil
+
+    shutil.rmtree(results_dir(machine), ignore_errors=True)
     path(machine).unlink(missing_ok=True)
 
 

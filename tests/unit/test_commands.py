@@ -69,7 +69,9 @@ def test_run_command() -> None:
         "--unit=ci-build_script-7.service", "--service-type=exec",
         "--property=TimeoutStopSec=5", "--working-directory=/root",
         "--setenv=HOME=/root", "--setenv=USER=root", "--setenv=LOGNAME=root",
-        "--setenv=SHELL=/bin/bash", "--", "/bin/bash",
+        "--setenv=SHELL=/bin/bash", "--",
+        "/bin/sh", "-c", '/bin/bash; echo $? > "$0"',
+        "/run/nspawn-runner/ci-build_script-7.service.status",
     ]
 
 

@@ -83,3 +83,11 @@ def test_unknown_key_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert settings.load(path, environ={}) == Settings()
     err = capsys.readouterr().err
     assert str(path) in err and "'boot_timeot'" in err and "boot_timeout" in err
+
+
+def test_docs_table_is_generated_from_the_settings_table() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    start = doc.index("-->\n", doc.index("<!-- BEGIN SETTINGS TABLE")) + 4
+    end = doc.index("<!-- END SETTINGS TABLE")
+    assert doc[start:end] == settings.reference_markdown(), (
+        "docs/configuration.md is out of date: paste settings.reference_markdown() into it")
