@@ -37,7 +37,7 @@ def name_from_reference(ref: str) -> str:
     name, _, tag = parts[-1].partition(":")
     if tag and tag != "latest":
         name = f"{name}-{tag}"
-    validate_name(name, f"image {ref!r} maps to {name!r}, which is not a valid image name")
+    validate_name(name, f"invalid image {ref!r} (it maps to the image name {name!r})")
     return name
 
 

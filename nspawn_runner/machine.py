@@ -88,7 +88,8 @@ def boot(spec: BootSpec) -> None:
         if tail:
             log.info(f"last messages of {spec.unit}:\n{tail}")
         teardown(spec.machine, spec.unit, spec.overlay, spec.stop_timeout)
-        if "timeout" in e.stderr.lower() or e.returncode == 124:
+        timed_out = "result 'timeout'" in tail or "timeout" in e.stderr.lower()
+        if timed_out or e.returncode == 124:
             raise SystemFailure(
                 f"machine {spec.machine} did not boot within {spec.boot_timeout}s "
                 f"(boot_timeout); check that image {spec.image!r} boots: "

@@ -1,0 +1,162 @@
+"""Integration tests: the driver on real systemd, inside the test bed (tests/run integration).
+
+Every test drives whole jobs through tests/gitlab_emulator.py, which calls the installed
+`nspawn-runner` exactly as gitlab-runner does, and afterwards checks that nothing is left:
+no machine, no unit, no overlay, no snapshot, no mount, no state file."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gitlab_emulator import Job, JobResult, RunnerConfig, run_job
+
+FAKE_GITLAB_RUNNER = Path(__file__).resolve().parents[1] / "fixtures" / "fake-gitlab-runner"
+ROOTS = {
+    # backend: (state root, backend setting). "auto" proves the file-system detection.
+    "overlay": ("/var/lib/nspawn-runner", "auto"),
+    "btrfs": ("/srv/btrfs/nspawn-runner", "auto"),
+    "volatile": ("/var/lib/nspawn-runner", "volatile"),
+}
+IMAGE = "bookworm"
+# Job ids unique across runs, so that a leftover of an earlier run can never pass for ours.
+_ids = itertools.count(int(time.time() * 10) % 10**9 * 100)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.integration)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not os.path.isdir("/run/systemd/system") or os.geteuid() != 0:
+        pytest.exit("integration tests need real systemd as root: run them with "
+                    "`tests/run integration` (they run inside the test bed)", returncode=3)
+
+
+def sh(*cmd: str, check: bool = True) -> str:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True).stdout
+
+
+@dataclass
+class Driver:
+    backend: str
+    root: Path
+    settings: Path
+
+    def config(self, default_image: str = "", verbose: bool = False,
+               **overrides: object) -> RunnerConfig:
+        exe = ["nspawn-runner", *(["--verbose"] if verbose else [])]
+        prepare = [*exe, "prepare", *(["--default-image", default_image] if default_image else [])]
+        cfg = RunnerConfig(
+            config_exec=[*exe, "config"],
+            prepare_exec=prepare,
+            run_exec=["nspawn-runner", "run", *(["--verbose"] if verbose else [])],
+            cleanup_exec=[*exe, "cleanup"],
+            graceful_kill_timeout=30,
+            force_kill_timeout=10,
+            retry_delay=0.2,
+            extra_process_env={"NSPAWN_RUNNER_CONFIG": str(self.settings)},
+        )
+        for key, value in overrides.items():
+            setattr(cfg, key, value)
+        return cfg
+
+    def job(self, script: list[str], **kw: Any) -> Job:
+        kw.setdefault("image", IMAGE)
+        job = Job(script=script, job_id=next(_ids), **kw)
+        return job
+
+    def run(self, job: Job, config: RunnerConfig | None = None, **kw: Any) -> JobResult:
+        result = run_job(config or self.config(), job, timeout=600, **kw)
+        for call in result.calls:
+            # The protocol knows 0, 1 and 2; anything else is an "unknown" failure.
+            assert call.exit_code in (0, 1, 2), (call.stage, call.exit_code, result.log)
+        return result
+
+    def write_settings(self, **extra: object) -> None:
+        lines = [f'root = "{self.root}"', f'backend = "{ROOTS[self.backend][1]}"',
+                 f'gitlab_runner = "{FAKE_GITLAB_RUNNER}"']
+        for key, value in extra.items():
+            lines.append(f"{key} = {value!r}" if not isinstance(value, str) else
+                         f'{key} = "{value}"')
+        self.settings.write_text("\n".join(lines) + "\n")
+
+    def make_image(self, name: str, init_script: str | None = None,
+                   hanging_unit: bool = False) -> Path:
+        """A copy of the test image whose init is `init_script`, or whose boot never finishes
+        because a unit that multi-user.target waits for hangs (to make boots fail)."""
+        src, dst = self.root / "images" / IMAGE, self.root / "images" / name
+        if self.backend == "btrfs":
+            sh("btrfs", "-q", "subvolume", "snapshot", str(src), str(dst))
+        else:
+            sh("cp", "-al", str(src), str(dst))  # hard links: cheap, and init is replaced below
+        if init_script is not None:
+            # nspawn --boot runs the first of /usr/lib/systemd/systemd, /lib/..., /sbin/init.
+            init = dst / "usr" / "lib" / "systemd" / "systemd"
+            init.unlink()  # a hard link to the test image's file on ext4: never write through it
+            init.write_text("#!/bin/sh\n" + init_script + "\n")
+            init.chmod(0o755)
+        if hanging_unit:
+            units = dst / "etc" / "systemd" / "system"
+            (units / "hang.service").write_text(
+                "[Unit]\nBefore=multi-user.target\n[Service]\nType=oneshot\n"
+                "ExecStart=/bin/sleep 1000\n[Install]\nWantedBy=multi-user.target\n")
+            wants = units / "multi-user.target.wants"
+            wants.mkdir(exist_ok=True)
+            (wants / "hang.service").symlink_to("../hang.service")
+        return dst
+
+    def remove_image(self, name: str) -> None:
+        path = self.root / "images" / name
+        if self.backend == "btrfs":
+            sh("btrfs", "-q", "subvolume", "delete", str(path), check=False)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def leftovers(root: Path) -> list[str]:
+    found = []
+    machines = [line for line in sh("machinectl", "list", "--no-legend").splitlines()
+                if line.startswith("nr-")]
+    found += [f"machine: {m}" for m in machines]
+    units = sh("systemctl", "list-units", "--all", "--no-legend", "--plain",
+               "nspawn-runner-*").splitlines()
+    found += [f"unit: {u}" for u in units if u.strip()]
+    overlays = root / "overlays"
+    if overlays.exists():
+        found += [f"overlay: {p}" for p in overlays.iterdir()]
+    # nspawn's lock files (.#NAME.lck) are not counted: an unlocked one is harmless, and
+    # removing one that another nspawn holds would break its locking.
+    found += [f"snapshot: {p}" for p in (root / "images").glob(".#*") if p.suffix != ".lck"]
+    run_dir = Path("/run/nspawn-runner")
+    if run_dir.exists():
+        found += [f"state: {p}" for p in run_dir.iterdir()]
+    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    found += [f"mount: {m}" for m in mounts if "/overlays/" in m or " /run/nspawn-runner" in m]
+    return found
+
+
+@pytest.fixture(params=["overlay", "btrfs"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def driver(backend: str, tmp_path: Path) -> Iterator[Driver]:
+    root = Path(ROOTS[backend][0])
+    assert (root / "images" / IMAGE).is_dir(), "the test bed provides the image"
+    d = Driver(backend, root, tmp_path / "config.toml")
+    d.write_settings()
+    before = leftovers(root)
+    assert not before, f"leftovers before the test: {before}"
+    yield d
+    left = leftovers(root)
+    assert not left, f"the driver left these behind: {left}"
