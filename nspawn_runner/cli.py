@@ -4,11 +4,13 @@ work happens in the modules it calls."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from nspawn_runner import log, settings
+from nspawn_runner.errors import SystemFailure
 from nspawn_runner.main import finish
 
 app = typer.Typer(
@@ -86,11 +88,37 @@ def cleanup() -> None:
 
 
 @app.command()
+def gc(
+    grace: Annotated[
+        int | None,
+        typer.Option(help="Spare anything younger than this many seconds "
+                     "[default: boot_timeout + 60]."),
+    ] = None,
+) -> None:
+    """Remove machines, overlays and snapshots that belong to no running job."""
+    from nspawn_runner import gc as collector
+
+    def act() -> None:
+        cfg = settings.load()
+        removed = collector.collect(cfg, cfg.boot_timeout + 60 if grace is None else grace)
+        print(f"gc: removed {len(removed)} item(s)")
+
+    _do(act)
+
+
+@app.command()
 def toml(
     default_image: DefaultImage = "",
-    name: Annotated[str, typer.Option(help="The runner's name in config.toml.")] = "",
+    name: Annotated[str, typer.Option(
+        help="The runner's name in config.toml; with --merge, the block to update.")] = "",
+    merge: Annotated[Path | None, typer.Option(
+        "--merge", metavar="PATH",
+        help="Add or update the block in this gitlab-runner config.toml, keeping the rest.",
+    )] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="With --merge: show the change as a diff, write nothing.")] = False,
 ) -> None:
-    """Print the [[runners]] block for gitlab-runner's config.toml."""
+    """Print the [[runners]] block for gitlab-runner's config.toml, or merge it into one."""
     from nspawn_runner import toml_block
 
     def act() -> None:
@@ -98,6 +126,57 @@ def toml(
             from nspawn_runner.images import validate_name
 
             validate_name(default_image)
-        print(toml_block.render(settings.load(), default_image, name), end="")
+        if merge is None:
+            if dry_run:
+                raise SystemFailure("--dry-run needs --merge PATH")
+            print(toml_block.render(settings.load(), default_image, name), end="")
+            return
+        from nspawn_runner import toml_merge
+
+        block = toml_block.runner_table(settings.load(), default_image, name)
+        result = toml_merge.merge_file(merge, block, name, dry_run)
+        if dry_run:
+            print(result.diff(), end="")
+        log.info(result.summary(dry_run))
+
+    _do(act)
+
+
+@app.command()
+def check(
+    no_boot: Annotated[bool, typer.Option(
+        "--no-boot", help="Do not boot each image (faster; checks only its layout).")] = False,
+    boot_timeout: Annotated[int | None, typer.Option(
+        "--boot-timeout", min=1, metavar="SECONDS",
+        help="Seconds each test boot may take [default: the boot_timeout setting].",
+    )] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Check that this host can run jobs; exits with the system-failure code if it cannot."""
+    from nspawn_runner import hostcheck, state
+
+    def act() -> None:
+        state.cancel_on_signals()  # a test boot in progress is torn down on SIGTERM
+        report = hostcheck.run(hostcheck.Host(), settings.config_path(), boot=not no_boot,
+                               boot_timeout=boot_timeout or 0)
+        print(report.to_json() if as_json else report.render(), end="")
+        report.raise_for_failures()
+
+    _do(act)
+
+
+@app.command("settings")
+def show_settings(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Print the effective settings and where each value came from."""
+
+    def act() -> None:
+        import json
+
+        path = settings.config_path()
+        cfg = settings.load(path)
+        print(json.dumps(settings.effective(cfg, path), indent=2) if as_json
+              else settings.show(cfg, path), end="\n" if as_json else "")
 
     _do(act)

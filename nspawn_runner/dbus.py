@@ -34,6 +34,24 @@ def machines() -> list[str]:
         raise SystemFailure(f"listing machines over D-Bus failed: {e}") from None
 
 
+def root_directories() -> set[str]:
+    """The root directory of every registered machine (for nspawn --ephemeral: its snapshot)."""
+    out = set()
+    try:
+        from pydbus import SystemBus
+
+        bus = SystemBus()
+        for _name, _cls, _service, path in _manager().ListMachines():
+            root = bus.get("org.freedesktop.machine1", path).RootDirectory
+            if root:
+                out.add(str(root))
+    except SystemFailure:
+        raise
+    except Exception as e:
+        raise SystemFailure(f"reading machines over D-Bus failed: {e}") from None
+    return out
+
+
 def exists(name: str) -> bool:
     return name in machines()
 

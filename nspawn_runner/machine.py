@@ -27,6 +27,11 @@ class BootSpec:
     binds: tuple[tuple[Path, str], ...] = ()  # (host path, path inside), read-write
     binds_ro: tuple[tuple[Path, str], ...] = ()
     description: str = ""
+    properties: tuple[str, ...] = ()  # --property= for the machine's unit (limits)
+    nspawn_options: tuple[str, ...] = ()  # isolation options, already validated
+    # With a private user namespace, binds from the host are idmapped so that host root's
+    # files are root's inside.
+    idmap: bool = False
 
     @property
     def overlay(self) -> Path | None:
@@ -37,6 +42,7 @@ class BootSpec:
 
 def boot_command(spec: BootSpec) -> list[str]:
     upper = spec.overlay / "upper" if spec.overlay else None
+    opts = ":idmap" if spec.idmap else ""
     return [
         "systemd-run",
         "--quiet",
@@ -49,6 +55,7 @@ def boot_command(spec: BootSpec) -> list[str]:
         "--property=KillMode=mixed",
         f"--property=TimeoutStartSec={spec.boot_timeout}",
         f"--property=TimeoutStopSec={spec.stop_timeout}",
+        *spec.properties,
         "--",
         "systemd-nspawn",
         "--quiet",
@@ -62,8 +69,10 @@ def boot_command(spec: BootSpec) -> list[str]:
         "--settings=no",
         "--link-journal=no",
         "--console=read-only",
-        *[f"--bind={backends.escape(h)}:{backends.escape(i)}" for h, i in spec.binds],
-        *[f"--bind-ro={backends.escape(h)}:{backends.escape(i)}" for h, i in spec.binds_ro],
+        *[f"--bind={backends.escape(h)}:{backends.escape(i)}{opts}" for h, i in spec.binds],
+        *[f"--bind-ro={backends.escape(h)}:{backends.escape(i)}{opts}"
+          for h, i in spec.binds_ro],
+        *spec.nspawn_options,
     ]
 
 
@@ -71,6 +80,12 @@ def _journal_tail(unit: str, lines: int = 15) -> str:
     out = proc.run(["journalctl", "--no-pager", "-o", "cat", "-n", str(lines), "-u", unit],
                    check=False, capture=True)
     return out.stdout.strip()
+
+
+def _reason(journal: str, unit: str) -> str:
+    """The last thing nspawn or the guest said, not systemd's own lines about the unit."""
+    lines = [line for line in journal.splitlines() if unit not in line and line.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 def boot(spec: BootSpec) -> None:
@@ -94,14 +109,25 @@ def boot(spec: BootSpec) -> None:
                 f"machine {spec.machine} did not boot within {spec.boot_timeout}s "
                 f"(boot_timeout); check that image {spec.image!r} boots: "
                 f"systemd-nspawn -D {spec.image_path} --boot") from None
-        raise SystemFailure(
-            f"machine {spec.machine} failed to boot from image {spec.image!r}: "
-            f"{(tail or e.stderr).strip().splitlines()[-1] if (tail or e.stderr).strip() else e}"
-        ) from None
+        raise SystemFailure(f"machine {spec.machine} failed to boot from image {spec.image!r}: "
+                            f"{_reason(tail, spec.unit) or e}") from None
     except BaseException:
         teardown(spec.machine, spec.unit, spec.overlay, spec.stop_timeout)
         raise
     log.debug(f"machine {spec.machine} ready in {time.monotonic() - start:.2f}s")
+
+
+def ensure_user(machine: str, user: str, dirs: list[str]) -> str:
+    """Create `user` in the machine if the image lacks it, give it `dirs`, return its home."""
+    script = ('id -u "$1" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$1"; '
+              'u=$1; shift; mkdir -p "$@" && chown "$u:" "$@" && getent passwd "$u" | cut -d: -f6')
+    out = proc.run(["systemd-run", "--quiet", f"--machine={machine}", "--wait", "--pipe",
+                    "--", "/bin/sh", "-c", script, "sh", user, *dirs], capture=True)
+    home = out.stdout.strip()
+    if not home.startswith("/"):
+        raise SystemFailure(f"cannot find the home of user {user!r} in machine {machine}; "
+                            "check that the image has useradd (package passwd)")
+    return home
 
 
 def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nspawn_runner import log
+from nspawn_runner import limits, log
 from nspawn_runner.errors import SystemFailure
 
 DEFAULT_CONFIG = Path("/etc/nspawn-runner/config.toml")
@@ -37,12 +37,35 @@ class Settings:
     shell: str = "bash"
     gitlab_runner: str = ""
     secret_variables: tuple[str, ...] = ()
+    cpu_weight: int = 0
+    cpu_quota: str = ""
+    memory_high: str = ""
+    memory_max: str = ""
+    tasks_max: int = 0
+    max_job_duration: int = 0
+    network: str = "host"
+    user: str = "root"
+    private_users: bool = False
+    binds: tuple[str, ...] = ()
+    nspawn_options: tuple[str, ...] = ()
     # Where each value came from ("default", a file path, an environment variable).
     origins: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def images_dir(self) -> Path:
         return self.root / "images"
+
+    def limits(self, **overrides: object) -> limits.Limits:
+        """The limits for a job; `overrides` come from the image's file."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(limits.Limits)}
+        values.update(overrides)
+        binds = values.pop("binds")
+        assert isinstance(binds, tuple)
+        try:
+            parsed = tuple(limits.parse_bind(b, self.root) for b in binds)
+        except limits.LimitError as e:
+            raise SettingsError(f"{self.origins.get('binds', 'binds')}: {e}") from None
+        return limits.Limits(binds=parsed, **values)
 
 
 Parser = Callable[[object], Any]
@@ -93,6 +116,47 @@ def _seconds(value: object) -> int:
     return value
 
 
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _BadValue("expected true or false")
+    return value
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _BadValue(f"expected a whole number, got {type(value).__name__}")
+    return value
+
+
+def _checked(base: Parser, check: Callable[[Any], Any]) -> Parser:
+    """`base` for the type, then one of limits.parse_* for the range."""
+
+    def parse(value: object) -> Any:
+        try:
+            return check(base(value))
+        except limits.LimitError as e:
+            raise _BadValue(str(e)) from None
+
+    return parse
+
+
+def _each(check: Callable[[str], str]) -> Parser:
+    def parse(value: object) -> tuple[str, ...]:
+        items = _str_list(value)
+        try:
+            return tuple(check(v) for v in items)
+        except limits.LimitError as e:
+            raise _BadValue(str(e)) from None
+
+    return parse
+
+
+def _non_negative(value: int) -> int:
+    if value < 0:
+        raise limits.LimitError("expected 0 or more")
+    return value
+
+
 def _choice(*choices: str) -> Parser:
     def parse(value: object) -> str:
         text = _str(value)
@@ -129,6 +193,31 @@ SETTINGS: tuple[Row, ...] = (
         "Host path of the gitlab-runner binary bound into machines; empty: search PATH."),
     Row("secret_variables", _str_list,
         "Extra job variable names whose values never appear in the driver's output."),
+    Row("cpu_weight", _checked(_int, limits.parse_cpu_weight),
+        "CPUWeight= of each job's machine (1-10000, 0: systemd's default)."),
+    Row("cpu_quota", _checked(_str, limits.parse_percent),
+        "CPUQuota= of each job's machine, e.g. '200%' for two CPUs."),
+    Row("memory_high", _checked(_str, limits.parse_size),
+        "MemoryHigh= of each job's machine (throttled above it), e.g. '6G'."),
+    Row("memory_max", _checked(_str, limits.parse_size),
+        "MemoryMax= of each job's machine (OOM-killed above it), e.g. '8G'."),
+    Row("tasks_max", _checked(_int, limits.parse_tasks),
+        "TasksMax= of each job's machine (at most 16384; 0: systemd's default)."),
+    Row("max_job_duration", _checked(_int, _non_negative),
+        "Seconds after which a job's machine is stopped whatever happens (0: no limit)."),
+    Row("network", _checked(_str, limits.parse_network),
+        "host (share the host's network), private (loopback only) or veth (a link to the "
+        "host, configured by systemd-networkd on both ends)."),
+    Row("user", _checked(_str, limits.parse_user),
+        "User that runs job scripts; created in the machine with a home if missing."),
+    Row("private_users", _bool,
+        "Run machines in their own user namespace (--private-users=pick): root inside is "
+        "not root outside."),
+    Row("binds", _str_list,
+        "Extra binds HOST:INSIDE[:ro|rw]; '/', the state root and container sockets are "
+        "refused."),
+    Row("nspawn_options", _each(limits.parse_nspawn_option),
+        "Extra systemd-nspawn options, from a list of safe ones (see docs/security.md)."),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.name != "origins"}
 
@@ -200,4 +289,47 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Set
                 raise SettingsError(
                     f"environment variable {row.env}={environ[row.env]!r}: {e}") from None
             origins[row.name] = row.env
-    return Settings(**values, origins=origins)  # type: ignore[arg-type]
+    result = Settings(**values, origins=origins)  # type: ignore[arg-type]
+    result.limits()  # binds are checked against root, which may come from elsewhere
+    return result
+
+
+
+def _source(cfg: Settings, row: Row) -> tuple[str, str]:
+    """("default" | "file" | "environment", the file path or variable name)."""
+    origin = cfg.origins.get(row.name, "default")
+    if origin == "default":
+        return "default", origin
+    return ("environment" if origin == row.env else "file"), origin
+
+
+def _plain(value: object) -> object:
+    return str(value) if isinstance(value, Path) else list(value) if isinstance(
+        value, tuple) else value
+
+
+def effective(cfg: Settings, path: Path) -> dict[str, object]:
+    """`nspawn-runner settings --json`: each value and where it came from."""
+    out = {}
+    for row in SETTINGS:
+        source, origin = _source(cfg, row)
+        out[row.name] = {"value": _plain(getattr(cfg, row.name)), "source": source,
+                         "origin": origin}
+    return {"file": str(path), "file_exists": path.is_file(), "settings": out}
+
+
+def show(cfg: Settings, path: Path) -> str:
+    """`nspawn-runner settings`: key, value (as TOML) and where it came from."""
+    import tomlkit
+
+    rows = [("KEY", "VALUE", "FROM")]
+    for row in SETTINGS:
+        source, origin = _source(cfg, row)
+        value = tomlkit.item(_plain(getattr(cfg, row.name))).as_string()
+        rows.append((row.name, value, f"environment {origin}" if source == "environment"
+                     else origin))
+    widths = [max(len(r[i]) for r in rows) for i in (0, 1)]
+    absent = "" if path.is_file() else " (absent: defaults and environment only)"
+    lines = [f"settings file: {path}{absent}"]
+    lines += [f"{k:<{widths[0]}}  {v:<{widths[1]}}  {f}" for k, v, f in rows]
+    return "\n".join(lines) + "\n"

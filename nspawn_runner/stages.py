@@ -6,6 +6,7 @@ the contract."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -65,6 +66,12 @@ def _check_host() -> None:
 def boot_spec(cfg: Settings, this: job.Job, default_image: str = "") -> machine.BootSpec:
     name, path = images.resolve(cfg, this.image_ref, default_image)
     backend = backends.choose(cfg.backend, cfg.root)
+    lim = cfg.limits()
+    if lim.private_users and backend is not backends.Backend.BTRFS:
+        # nspawn maps ownership with idmapped mounts, which it cannot do on an overlay root;
+        # chowning would copy the whole image into the job's layer.
+        raise SystemFailure(f"private_users needs the btrfs backend, not {backend}: put the "
+                            "state root on btrfs or set private_users = false")
     binds_ro: list[tuple[Path, str]] = []
     runner = gitlab_runner_binary(cfg)
     if runner is not None:
@@ -88,12 +95,16 @@ def boot_spec(cfg: Settings, this: job.Job, default_image: str = "") -> machine.
         ),
         binds_ro=tuple(binds_ro),
         description=f"nspawn-runner job {this.job_id} on image {name}",
+        properties=tuple(lim.unit_properties()),
+        idmap=lim.private_users,
+        nspawn_options=tuple(lim.nspawn_args()),
     )
 
 
 def prepare(cfg: Settings, default_image: str = "") -> None:
     this = job.load(secret_names=cfg.secret_variables)
     spec = boot_spec(cfg, this, default_image)
+    lim = cfg.limits()
     _check_host()
     # A crashed runner or a killed earlier attempt may have left this job's machine behind.
     machine.teardown(this.machine, this.unit, backends.overlay_dir(cfg.root, this.machine),
@@ -101,12 +112,25 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
     log.info(f"nspawn-runner: booting machine {this.machine} from image {spec.image!r} "
              f"({spec.backend} backend)")
     start = time.monotonic()
+    image_stat = spec.image_path.stat()
+    saved = state.MachineState(
+        machine=this.machine, unit=this.unit, image=spec.image, backend=spec.backend.value,
+        root=str(cfg.root), overlay=str(spec.overlay) if spec.overlay else None,
+        shell=cfg.shell, secret_variables=list(cfg.secret_variables),
+        image_path=str(spec.image_path), image_id=f"{image_stat.st_dev}:{image_stat.st_ino}",
+        owner=state.owner_identity())
+    # Written before the boot, so that `gc` knows whose machine this is even if we are killed
+    # while it boots.
+    state.write(saved)
     machine.boot(spec)
     try:
-        state.write(state.MachineState(
-            machine=this.machine, unit=this.unit, image=spec.image, backend=spec.backend.value,
-            root=str(cfg.root), overlay=str(spec.overlay) if spec.overlay else None,
-            shell=cfg.shell, secret_variables=list(cfg.secret_variables)))
+        if lim.user != "root":
+            # The step status directory too: the job's shell writes its exit status there.
+            home = machine.ensure_user(this.machine, lim.user,
+                                       [cfg.builds_dir, f"{cfg.cache_dir}/{this.project_path}",
+                                        state.RESULTS_INSIDE])
+            saved = dataclasses.replace(saved, user=lim.user, home=home)
+            state.write(saved)
     except BaseException:
         machine.teardown(this.machine, this.unit, spec.overlay, cfg.stop_timeout)
         raise

@@ -28,6 +28,13 @@ class MachineState:
     user: str = "root"
     home: str = "/root"
     secret_variables: list[str] = field(default_factory=list)
+    # Which version of the image the machine booted (st_dev:st_ino of its directory), so that
+    # an old version swapped out by maintenance is removed only when no machine uses it.
+    image_path: str = ""
+    image_id: str = ""
+    # The gitlab-runner process that prepared the machine ("pid:starttime"): `gc` treats the
+    # machine as abandoned once it is gone.
+    owner: str = ""
     schema: int = SCHEMA
 
 
@@ -73,6 +80,45 @@ def remove(machine: str) -> None:
 
     shutil.rmtree(results_dir(machine), ignore_errors=True)
     path(machine).unlink(missing_ok=True)
+
+
+# Wrappers between gitlab-runner and the driver: the owner is the first ancestor that is none.
+_WRAPPERS = {"sudo", "doas", "env", "sh", "bash", "dash", "timeout", "nsenter", "setpriv",
+             "runuser", "su", "nice", "ionice", "chrt"}
+
+
+def _stat(pid: int) -> tuple[str, int, str] | None:
+    """(comm, ppid, starttime) of a process, None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm = text[text.index("(") + 1:text.rindex(")")]
+    fields = text[text.rindex(")") + 2:].split()
+    return comm, int(fields[1]), fields[19]
+
+
+def owner_identity(pid: int | None = None) -> str:
+    """"pid:starttime" of the process that called us through any wrappers (gitlab-runner)."""
+    pid = os.getppid() if pid is None else pid
+    while pid > 1:
+        info = _stat(pid)
+        if info is None:
+            break
+        comm, ppid, start = info
+        if comm not in _WRAPPERS:
+            return f"{pid}:{start}"
+        pid = ppid
+    return ""
+
+
+def owner_alive(identity: str) -> bool:
+    """Whether the process `owner_identity` named still runs (a reused pid does not count)."""
+    if not identity:
+        return False
+    pid, _, start = identity.partition(":")
+    info = _stat(int(pid))
+    return info is not None and info[2] == start
 
 
 def _raise_cancelled(signum: int, frame: FrameType | None) -> None:

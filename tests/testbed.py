@@ -42,6 +42,9 @@ HOST_PACKAGES = [
     "python3", "python3-venv", "python3-pip", "python3-gi", "python3-pydbus", "python3-yaml",
     "btrfs-progs", "debootstrap", "mmdebstrap", "arch-test", "git", "ca-certificates",
     "iproute2", "iputils-ping", "procps", "psmisc", "zstd", "util-linux", "tar",
+    # Image provisioning with playbooks: Debian's ansible has the community.general.chroot
+    # connection (ansible-core alone has none).
+    "ansible",
 ]
 # A job image: what `systemd-run --machine` and a CI job need (pitfalls 7 and 10).
 GUEST_PACKAGES = ["systemd", "systemd-sysv", "dbus", "git", "ca-certificates", "procps"]

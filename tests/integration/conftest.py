@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomlkit
 from gitlab_emulator import Job, JobResult, RunnerConfig, run_job
 
 FAKE_GITLAB_RUNNER = Path(__file__).resolve().parents[1] / "fixtures" / "fake-gitlab-runner"
@@ -83,12 +84,9 @@ class Driver:
         return result
 
     def write_settings(self, **extra: object) -> None:
-        lines = [f'root = "{self.root}"', f'backend = "{ROOTS[self.backend][1]}"',
-                 f'gitlab_runner = "{FAKE_GITLAB_RUNNER}"']
-        for key, value in extra.items():
-            lines.append(f"{key} = {value!r}" if not isinstance(value, str) else
-                         f'{key} = "{value}"')
-        self.settings.write_text("\n".join(lines) + "\n")
+        values = {"root": str(self.root), "backend": ROOTS[self.backend][1],
+                  "gitlab_runner": str(FAKE_GITLAB_RUNNER), **extra}
+        self.settings.write_text(tomlkit.dumps(values))
 
     def make_image(self, name: str, init_script: str | None = None,
                    hanging_unit: bool = False) -> Path:

@@ -90,4 +90,4 @@ def test_docs_table_is_generated_from_the_settings_table() -> None:
     start = doc.index("-->\n", doc.index("<!-- BEGIN SETTINGS TABLE")) + 4
     end = doc.index("<!-- END SETTINGS TABLE")
     assert doc[start:end] == settings.reference_markdown(), (
-        "docs/configuration.md is out of date: paste settings.reference_markdown() into it")
+        "docs/configuration.md is out of date: run python3 tests/regen_docs.py")
