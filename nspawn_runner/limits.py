@@ -134,7 +134,7 @@ def parse_bind(spec: str, root: Path) -> Bind:
     host, inside = Path(parts[0]), parts[1]
     if not host.is_absolute() or not inside.startswith("/") or ".." in spec.split("/"):
         raise LimitError(f"bind {spec!r}: both paths must be absolute, without '..'")
-    resolved = Path(*host.parts)  # normalises '//' and trailing '/'
+    resolved = Path("/" + "/".join(p for p in parts[0].split("/") if p))  # '//', trailing '/'
     if resolved == Path("/") or inside.rstrip("/") == "":
         raise LimitError(f"bind {spec!r}: binding '/' would give jobs the host")
     if root == resolved or root.is_relative_to(resolved) or resolved.is_relative_to(root):

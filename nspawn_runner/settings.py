@@ -64,7 +64,7 @@ class Settings:
         try:
             parsed = tuple(limits.parse_bind(b, self.root) for b in binds)
         except limits.LimitError as e:
-            raise SettingsError(f"{self.origins.get('binds', 'binds')}: {e}") from None
+            raise SettingsError(f"{self.origins.get('binds', 'settings')}: binds: {e}") from None
         return limits.Limits(binds=parsed, **values)
 
 
