@@ -38,8 +38,11 @@ def _global(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show the commands being run.")
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="As --verbose, plus tracebacks of internal errors.")
+    ] = False,
 ) -> None:
-    if verbose:
+    if verbose or debug:
         log.set_verbose(True)
 
 

@@ -48,6 +48,7 @@ class Settings:
     private_users: bool = False
     binds: tuple[str, ...] = ()
     nspawn_options: tuple[str, ...] = ()
+    persistent_builds: bool = False
     # Where each value came from ("default", a file path, an environment variable).
     origins: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -57,7 +58,8 @@ class Settings:
 
     def limits(self, **overrides: object) -> limits.Limits:
         """The limits for a job; `overrides` come from the image's file."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(limits.Limits)}
+        values: dict[str, Any] = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(limits.Limits)}
         values.update(overrides)
         binds = values.pop("binds")
         assert isinstance(binds, tuple)
@@ -218,6 +220,9 @@ SETTINGS: tuple[Row, ...] = (
         "refused."),
     Row("nspawn_options", _each(limits.parse_nspawn_option),
         "Extra systemd-nspawn options, from a list of safe ones (see docs/security.md)."),
+    Row("persistent_builds", _bool,
+        "Keep builds_dir on the host per project and concurrent slot "
+        "(<root>/builds/...), so GIT_STRATEGY=fetch reuses clones between jobs."),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.name != "origins"}
 

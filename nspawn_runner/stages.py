@@ -38,10 +38,23 @@ def config(cfg: Settings) -> str:
     return json.dumps(config_output(cfg))
 
 
+def _server_dir(this: job.Job) -> str:
+    return this.server if _SERVER.match(this.server) and ".." not in this.server else "local"
+
+
 def cache_host_dir(cfg: Settings, this: job.Job) -> Path:
     # Per GitLab instance and project: a job only ever sees its own project's caches.
-    server = this.server if _SERVER.match(this.server) and ".." not in this.server else "local"
-    return cfg.root / "cache" / server / this.project_path
+    return cfg.root / "cache" / _server_dir(this) / this.project_path
+
+
+def builds_host_dir(cfg: Settings, this: job.Job, environ: dict[str, str] | None = None) -> Path:
+    """The persistent builds directory of the job's project and concurrent slot. The slot is
+    a job variable (CI_CONCURRENT_ID) a job could set: it can only ever pick another slot of
+    its own project, never another project's checkout."""
+    env = os.environ if environ is None else environ
+    slot = env.get("CUSTOM_ENV_CI_CONCURRENT_ID", "0")
+    slot = slot if slot.isdigit() and len(slot) < 10 else "0"
+    return cfg.root / "builds" / _server_dir(this) / this.project_path / slot
 
 
 def gitlab_runner_binary(cfg: Settings) -> Path | None:
@@ -92,6 +105,7 @@ def boot_spec(cfg: Settings, this: job.Job, default_image: str = "") -> machine.
         binds=(
             (cache_host_dir(cfg, this), f"{cfg.cache_dir}/{this.project_path}"),
             (state.results_dir(this.machine), state.RESULTS_INSIDE),
+            *([(builds_host_dir(cfg, this), cfg.builds_dir)] if cfg.persistent_builds else []),
         ),
         binds_ro=tuple(binds_ro),
         description=f"nspawn-runner job {this.job_id} on image {name}",

@@ -156,3 +156,17 @@ def test_extra_binds(driver: Driver, tmp_path: Path) -> None:
     assert result.status == "success", result.log
     assert "from-host" in result.log and "WRITABLE" not in result.plain_log.replace(
         "&& echo WRITABLE", "")
+
+
+def test_persistent_builds_dir_per_project_and_slot(driver: Driver) -> None:
+    driver.write_settings(persistent_builds=True)
+    first = driver.run(driver.job(["echo kept > marker"], concurrent_id=3))
+    assert first.status == "success", first.log
+    again = driver.run(driver.job(["cat marker"], concurrent_id=3))
+    assert again.status == "success", again.log
+    assert "kept" in again.plain_log.split("$ cat marker")[1]
+    other_slot = driver.run(driver.job(["test ! -e marker"], concurrent_id=4))
+    assert other_slot.status == "success", other_slot.log
+    other_project = driver.run(driver.job(["test ! -e marker"], concurrent_id=3,
+                                          project_path="group/other"))
+    assert other_project.status == "success", other_project.log
