@@ -3,17 +3,15 @@
 The job response file (JOB_RESPONSE_FILE, written by gitlab-runner, mode 0600) is trusted; job
 variables (CUSTOM_ENV_*) can be set by the job's author, so nothing that names a machine, a
 unit or a host path is taken from them when the response file is there. Imported on the `run`
-hot path: stdlib only."""
+hot path: stdlib only, and only cheap imports (no re, urllib, hashlib or dataclasses)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
+import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+from typing import NamedTuple
 
 from nspawn_runner import log
 from nspawn_runner.errors import SystemFailure
@@ -21,15 +19,14 @@ from nspawn_runner.errors import SystemFailure
 # Unit and machine names share this prefix; `gc` and the tests recognise ours by it.
 UNIT_PREFIX = "nspawn-runner-"
 MACHINE_PREFIX = "nr-"
-_PATH_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_MACHINE_NAME = re.compile(r"^nr-[0-9]{1,20}-[0-9a-f]{8}$")
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+_HEX = frozenset("0123456789abcdef")
 # Predefined variables whose values are credentials.
 _SECRET_VARIABLES = ("CI_JOB_TOKEN", "CI_BUILD_TOKEN", "CI_REGISTRY_PASSWORD",
                      "CI_DEPENDENCY_PROXY_PASSWORD", "CI_JOB_JWT", "CI_JOB_JWT_V2")
 
 
-@dataclass(frozen=True)
-class Job:
+class Job(NamedTuple):
     job_id: str
     server: str  # host[:port] of the GitLab instance
     runner_id: str
@@ -40,7 +37,10 @@ class Job:
     def machine(self) -> str:
         """Unique per job on one host, even with several runners or GitLab instances: the job
         id is unique within one instance, and the instance and runner go into the hash."""
-        digest = hashlib.sha256(f"{self.server}\0{self.runner_id}".encode()).hexdigest()[:8]
+        key = f"{self.server}\0{self.runner_id}".encode()
+        # crc32, not sha256: hashlib costs `run` 2 ms of imports, and the job id in the name
+        # already makes it unique within an instance; this only separates instances/runners.
+        digest = f"{zlib.crc32(key):08x}"
         return f"{MACHINE_PREFIX}{self.job_id}-{digest}"
 
     @property
@@ -49,7 +49,16 @@ class Job:
 
 
 def is_machine_name(name: str) -> bool:
-    return bool(_MACHINE_NAME.match(name))
+    """`nr-<job id>-<8 hex digits>`, as `Job.machine` makes them."""
+    prefix, _, rest = name.partition("-")
+    job_id, _, digest = rest.partition("-")
+    return (prefix + "-" == MACHINE_PREFIX and job_id.isdigit() and len(job_id) <= 20
+            and job_id.isascii() and len(digest) == 8 and set(digest) <= _HEX)
+
+
+def _valid_component(part: str) -> bool:
+    return (bool(part) and set(part) <= _NAME_CHARS and part[0] not in ".-"
+            and part not in (".", ".."))
 
 
 def _variables(response: Mapping[str, object]) -> dict[str, str]:
@@ -64,22 +73,19 @@ def _variables(response: Mapping[str, object]) -> dict[str, str]:
 
 def project_path_from_url(url: str) -> str | None:
     """`https://host/group/sub/project.git` -> `group/sub/project`, as gitlab-runner does."""
-    try:
-        path = urlsplit(url).path
-    except ValueError:
-        return None
+    rest = url.split("://", 1)[1] if "://" in url else url
+    path = rest.partition("/")[2].split("?", 1)[0].split("#", 1)[0]
     path = path.strip("/").removesuffix(".git")
-    parts = path.split("/")
-    if not path or not all(_PATH_COMPONENT.match(p) and p not in (".", "..") for p in parts):
+    if not path or not all(_valid_component(p) for p in path.split("/")):
         return None
     return path
 
 
 def _server(url: str) -> str:
-    try:
-        return urlsplit(url).netloc.rpartition("@")[2]
-    except ValueError:
+    """host[:port] of a URL, without credentials."""
+    if "://" not in url:
         return ""
+    return url.split("://", 1)[1].partition("/")[0].rpartition("@")[2]
 
 
 def load(environ: Mapping[str, str] | None = None, secret_names: tuple[str, ...] = ()) -> Job:

@@ -6,13 +6,12 @@ passes through `mask`, so job secrets never reach the driver's own output."""
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 _verbose = bool(os.environ.get("NSPAWN_RUNNER_VERBOSE"))
 _secrets: set[str] = set()
 # user:password@ in any URL (CI_REPOSITORY_URL carries the job token that way).
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s:]*:[^/@\s]*@")
+_URL_CREDENTIALS = r"(?<=://)[^/@\s:]*:[^/@\s]*@"
 MASK = "[MASKED]"
 
 
@@ -32,7 +31,9 @@ def add_secret(value: str) -> None:
 
 
 def mask(text: str) -> str:
-    text = _URL_CREDENTIALS.sub(MASK + "@", text)
+    import re  # not at the top: `run` prints nothing when all goes well
+
+    text = re.sub(_URL_CREDENTIALS, MASK + "@", text)
     for secret in sorted(_secrets, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text

@@ -32,6 +32,7 @@ class BootSpec:
     # With a private user namespace, binds from the host are idmapped so that host root's
     # files are root's inside.
     idmap: bool = False
+    personality: str = ""  # e.g. x86 for an i386 image on x86-64, so uname -m says i686
 
     @property
     def overlay(self) -> Path | None:
@@ -65,6 +66,7 @@ def boot_command(spec: BootSpec) -> list[str]:
         f"--machine={spec.machine}",
         f"--directory={spec.image_path}",
         *backends.nspawn_args(spec.backend, spec.image_path, upper),
+        *([f"--personality={spec.personality}"] if spec.personality else []),
         # Ignore .nspawn files next to the image: a job's machine is defined here, not there.
         "--settings=no",
         "--link-journal=no",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 from nspawn_runner import log
 from nspawn_runner.errors import BuildFailure, NspawnRunnerError
@@ -36,6 +35,8 @@ def finish(error: BaseException | None) -> int:
     elif isinstance(error, SystemExit) and error.code in (0, None):
         return 0
     else:
+        import traceback  # only here: run imports this module on its hot path
+
         detail = "".join(traceback.format_exception(error)) if log.verbose() else repr(error)
         log.error(f"internal error: {detail}; please report it with the output of --verbose")
     return _protocol_code("SYSTEM_FAILURE_EXIT_CODE", 2)

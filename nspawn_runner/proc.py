@@ -4,19 +4,22 @@
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from nspawn_runner import log
 from nspawn_runner.errors import CommandError
 
-Argv = Sequence[str | Path]
+if TYPE_CHECKING:
+    from pathlib import Path
+
+Argv = Sequence["str | Path"]
 
 
 def redact_argv(argv: Sequence[str]) -> str:
+    import shlex  # only for messages: keeps `run`'s imports small
+
     return log.mask(shlex.join(argv))
 
 
@@ -36,7 +39,8 @@ def run(
     """Run `cmd`. stderr is always captured (it goes into the error); stdout only with
     `capture`, otherwise to our stderr so a command's chatter never pollutes a stage's stdout."""
     argv = _argv(cmd)
-    log.debug("+ " + redact_argv(argv))
+    if log.verbose():
+        log.debug("+ " + redact_argv(argv))
     try:
         proc = subprocess.run(
             argv,
@@ -63,7 +67,8 @@ def run(
 def spawn(cmd: Argv, *, stdin: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
     """Start `cmd` with our stdout/stderr, for output that must stream through unbuffered."""
     argv = _argv(cmd)
-    log.debug("+ " + redact_argv(argv))
+    if log.verbose():
+        log.debug("+ " + redact_argv(argv))
     try:
         return subprocess.Popen(argv, stdin=stdin)
     except FileNotFoundError as e:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 
 from nspawn_runner import job, log, proc, state
@@ -17,12 +16,13 @@ SHELLS = {"bash": "/bin/bash", "sh": "/bin/sh"}
 # How long a cancelled step's processes get between SIGTERM and SIGKILL: gitlab-runner's own
 # force-kill comes 10 s after its SIGTERM, and we must be done before that.
 STOP_GRACE = 5
-_UNIT_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_UNIT_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
 def step_unit(stage: str) -> str:
     """A unit name per call, readable in `systemctl --machine=... list-units`."""
-    return f"ci-{_UNIT_UNSAFE.sub('-', stage)[:40]}-{os.getpid()}.service"
+    safe = "".join(c if c in _UNIT_SAFE else "-" for c in stage[:40])
+    return f"ci-{safe}-{os.getpid()}.service"
 
 
 def command(st: state.MachineState, unit: str) -> list[str]:

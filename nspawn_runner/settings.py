@@ -16,6 +16,7 @@ from nspawn_runner.errors import SystemFailure
 
 DEFAULT_CONFIG = Path("/etc/nspawn-runner/config.toml")
 DEFAULT_ROOT = Path("/var/lib/nspawn-runner")
+DEFAULT_IMAGES_CONFIG_DIR = Path("/etc/nspawn-runner/images")
 BACKENDS = ("auto", "btrfs", "overlay", "volatile")
 SHELLS = ("bash", "sh")
 
@@ -37,6 +38,8 @@ class Settings:
     shell: str = "bash"
     gitlab_runner: str = ""
     secret_variables: tuple[str, ...] = ()
+    images_config_dir: Path = DEFAULT_IMAGES_CONFIG_DIR
+    package_cache: str = ""
     cpu_weight: int = 0
     cpu_quota: str = ""
     memory_high: str = ""
@@ -55,6 +58,10 @@ class Settings:
     @property
     def images_dir(self) -> Path:
         return self.root / "images"
+
+    @property
+    def package_cache_dir(self) -> Path:
+        return Path(self.package_cache) if self.package_cache else self.root / "package-cache"
 
     def limits(self, **overrides: object) -> limits.Limits:
         """The limits for a job; `overrides` come from the image's file."""
@@ -93,6 +100,14 @@ def _str(value: object) -> str:
     if not isinstance(value, str):
         raise _BadValue(f"expected a string, got {type(value).__name__}")
     return value
+
+
+def _abs_dir_or_empty(value: object) -> str:
+    text = _str(value)
+    # mmdebstrap's sync-in/sync-out hooks split their arguments at spaces.
+    if text and (not text.startswith("/") or any(c.isspace() for c in text)):
+        raise _BadValue("expected an absolute path without spaces, or empty")
+    return text
 
 
 def _abs_path(value: object) -> Path:
@@ -195,6 +210,10 @@ SETTINGS: tuple[Row, ...] = (
         "Host path of the gitlab-runner binary bound into machines; empty: search PATH."),
     Row("secret_variables", _str_list,
         "Extra job variable names whose values never appear in the driver's output."),
+    Row("images_config_dir", _abs_path,
+        "Directory of the image files, <NAME>.toml (see docs/images.md)."),
+    Row("package_cache", _abs_dir_or_empty,
+        "Directory of downloaded packages shared by image builds; empty: <root>/package-cache."),
     Row("cpu_weight", _checked(_int, limits.parse_cpu_weight),
         "CPUWeight= of each job's machine (1-10000, 0: systemd's default)."),
     Row("cpu_quota", _checked(_str, limits.parse_percent),

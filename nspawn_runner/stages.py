@@ -6,7 +6,6 @@ the contract."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -15,7 +14,17 @@ import socket
 import time
 from pathlib import Path
 
-from nspawn_runner import __version__, backends, images, job, log, machine, settings, state
+from nspawn_runner import (
+    __version__,
+    backends,
+    images,
+    job,
+    limits,
+    log,
+    machine,
+    settings,
+    state,
+)
 from nspawn_runner.errors import SystemFailure
 from nspawn_runner.settings import Settings
 
@@ -76,10 +85,16 @@ def _check_host() -> None:
                             "for the test bed on hosts without it)")
 
 
-def boot_spec(cfg: Settings, this: job.Job, default_image: str = "") -> machine.BootSpec:
+def boot_spec(cfg: Settings, this: job.Job,
+              default_image: str = "") -> tuple[machine.BootSpec, limits.Limits]:
+    """How to boot the job's machine, and the limits that apply to it (the settings',
+    overridden by the image file's [limits])."""
+    from nspawn_runner import imagefile
+
     name, path = images.resolve(cfg, this.image_ref, default_image)
     backend = backends.choose(cfg.backend, cfg.root)
-    lim = cfg.limits()
+    image_spec = imagefile.load(cfg, name)
+    lim = cfg.limits(**(image_spec.limit_overrides() if image_spec else {}))
     if lim.private_users and backend is not backends.Backend.BTRFS:
         # nspawn maps ownership with idmapped mounts, which it cannot do on an overlay root;
         # chowning would copy the whole image into the job's layer.
@@ -94,6 +109,7 @@ def boot_spec(cfg: Settings, this: job.Job, default_image: str = "") -> machine.
                  "artifacts are skipped inside the job; install it or set gitlab_runner in "
                  f"{settings.config_path()}")
     return machine.BootSpec(
+        personality=image_spec.personality if image_spec else "",
         machine=this.machine,
         unit=this.unit,
         image=name,
@@ -112,13 +128,12 @@ def boot_spec(cfg: Settings, this: job.Job, default_image: str = "") -> machine.
         properties=tuple(lim.unit_properties()),
         idmap=lim.private_users,
         nspawn_options=tuple(lim.nspawn_args()),
-    )
+    ), lim
 
 
 def prepare(cfg: Settings, default_image: str = "") -> None:
     this = job.load(secret_names=cfg.secret_variables)
-    spec = boot_spec(cfg, this, default_image)
-    lim = cfg.limits()
+    spec, lim = boot_spec(cfg, this, default_image)
     _check_host()
     # A crashed runner or a killed earlier attempt may have left this job's machine behind.
     machine.teardown(this.machine, this.unit, backends.overlay_dir(cfg.root, this.machine),
@@ -130,7 +145,7 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
     saved = state.MachineState(
         machine=this.machine, unit=this.unit, image=spec.image, backend=spec.backend.value,
         root=str(cfg.root), overlay=str(spec.overlay) if spec.overlay else None,
-        shell=cfg.shell, secret_variables=list(cfg.secret_variables),
+        shell=cfg.shell, secret_variables=cfg.secret_variables,
         image_path=str(spec.image_path), image_id=f"{image_stat.st_dev}:{image_stat.st_ino}",
         owner=state.owner_identity())
     # Written before the boot, so that `gc` knows whose machine this is even if we are killed
@@ -143,7 +158,7 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
             home = machine.ensure_user(this.machine, lim.user,
                                        [cfg.builds_dir, f"{cfg.cache_dir}/{this.project_path}",
                                         state.RESULTS_INSIDE])
-            saved = dataclasses.replace(saved, user=lim.user, home=home)
+            saved = saved._replace(user=lim.user, home=home)
             state.write(saved)
     except BaseException:
         machine.teardown(this.machine, this.unit, spec.overlay, cfg.stop_timeout)

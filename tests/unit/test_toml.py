@@ -36,3 +36,16 @@ def test_cli_toml_refuses_bad_default_image() -> None:
     result = CliRunner().invoke(app, ["toml", "--default-image", "../etc"])
     assert result.exit_code == 2
     assert "invalid image name" in result.output
+
+
+def test_example_config_matches_the_generated_block() -> None:
+    from pathlib import Path
+
+    example = tomlkit.parse(
+        (Path(__file__).resolve().parents[2] / "examples" / "config.toml").read_text()).unwrap()
+    generated = tomlkit.parse(toml_block.render(
+        Settings(), "bookworm", exe=["/usr/local/bin/nspawn-runner"])).unwrap()
+    (ex,), (gen,) = example["runners"], generated["runners"]
+    assert ex["custom"] == gen["custom"]
+    for key in ("executor", "builds_dir", "cache_dir"):
+        assert ex[key] == gen[key]

@@ -1,0 +1,357 @@
+"""The image file: `<images_config_dir>/<NAME>.toml` says how image NAME is created and
+provisioned, and which per-image limits prepare applies. Read (and written, comments kept) with
+tomlkit; the result is a frozen `ImageSpec`. See docs/images.md for the keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nspawn_runner import images, log
+from nspawn_runner.errors import SystemFailure
+from nspawn_runner.settings import SETTINGS, Settings
+
+DEBIAN_TOOLS = ("mmdebstrap", "debootstrap")
+BOOTSTRAPS = (*DEBIAN_TOOLS, "command")
+# "extract" leaves packages unpacked but not installed: nothing that boots.
+MMDEBSTRAP_VARIANTS = ("minbase", "required", "important", "standard", "buildd", "apt",
+                       "essential", "custom", "debootstrap")
+# "default" is debootstrap without --variant (required and important packages).
+DEBOOTSTRAP_VARIANTS = ("minbase", "buildd", "default")
+PERSONALITIES = ("x86", "x86-64")
+# What every image gets whatever its file says: boots (systemd, dbus: `systemd-run --machine`
+# needs it), clones (git, and ca-certificates for HTTPS: minbase has none).
+REQUIRED_PACKAGES = ("systemd", "systemd-sysv", "dbus", "git", "ca-certificates")
+# Architectures whose binaries the x86-64 kernel runs with a 32-bit personality.
+_PERSONALITY_OF = {"i386": "x86"}
+TARGET = "{target}"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"^\s*([0-9]+)\s*([smhdw])\s*$")
+_SUITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")
+_ARCH = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_COMPONENT = re.compile(r"^[a-z0-9][a-z0-9/-]*$")
+# A package name, optionally with :arch, =version or /release; no ',' (the --include
+# separator), no whitespace, no leading '-' (an option).
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.:=~/-]*$")
+_MIRROR = re.compile(r"^(https?|file)://\S+$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*$")
+# The keys whose change means the image must be made anew (not only provisioned again).
+RECIPE_KEYS = ("bootstrap", "suite", "mirror", "architecture", "components", "variant",
+               "packages", "command", "import_from")
+
+
+class ImageFileError(SystemFailure):
+    """An image file is missing, unreadable or has a bad value; the message names the file,
+    the key and the value."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    name: str
+    file: Path | None
+    bootstrap: str  # one of BOOTSTRAPS, or "import"
+    suite: str = ""
+    mirror: str = ""  # empty: the host's own Debian mirror
+    architecture: str = ""  # empty: the host's
+    components: tuple[str, ...] = ("main",)
+    variant: str = "minbase"
+    packages: tuple[str, ...] = ()
+    command: tuple[str, ...] = ()
+    import_from: str = ""  # a path or URL of a tarball
+    setup: tuple[str, ...] = ()
+    playbook: Path | None = None
+    recreate_after: int = 0  # seconds; 0: never
+    personality: str = ""  # systemd-nspawn --personality=, empty: none
+    hostname: str = ""
+    # Per-image overrides of the runner's limits (settings names and parsed values).
+    limits: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def debian(self) -> bool:
+        """Made by a Debian bootstrapper: apt inside, and the package cache applies."""
+        return self.bootstrap in DEBIAN_TOOLS
+
+    @property
+    def provisioned(self) -> bool:
+        return bool(self.setup or self.playbook)
+
+    def all_packages(self) -> tuple[str, ...]:
+        """`packages` plus what every image needs (and python3 for a playbook's modules)."""
+        extra = ("python3",) if self.playbook else ()
+        wanted = [*REQUIRED_PACKAGES, *extra, *self.packages]
+        return tuple(dict.fromkeys(wanted))
+
+    def limit_overrides(self) -> dict[str, Any]:
+        """For `Settings.limits(**overrides)`."""
+        return dict(self.limits)
+
+    def recipe(self) -> str:
+        """A digest of how the image is made: maintenance recreates the image when it changes."""
+        data = {k: getattr(self, k) for k in RECIPE_KEYS}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Bad(ValueError):
+    """Raised by the parsers; `load` adds the file and the key."""
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _matching(pattern: re.Pattern[str], what: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = _str(value)
+        if text and not pattern.match(text):
+            raise _Bad(f"expected {what}")
+        return text
+
+    return parse
+
+
+def _list_of(item: Callable[[object], str]) -> Callable[[object], tuple[str, ...]]:
+    def parse(value: object) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise _Bad("expected a list of strings")
+        return tuple(item(v) for v in value)
+
+    return parse
+
+
+def _str_or_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,) if value.strip() else ()
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(v for v in value if v.strip())
+    raise _Bad("expected a string or a list of strings")
+
+
+def parse_duration(value: object) -> int:
+    """Seconds from 7d, 12h, 30m, 2w, 90s or a whole number of seconds; 0 or "" is never."""
+    if isinstance(value, bool):
+        raise _Bad("expected a duration such as '7d'")
+    if isinstance(value, int):
+        if value < 0:
+            raise _Bad("expected 0 or more seconds")
+        return value
+    text = _str(value)
+    if text.strip() in ("", "0", "never"):
+        return 0
+    match = _DURATION.match(text)
+    if not match:
+        raise _Bad("expected a duration: a number with s, m, h, d or w, e.g. '7d'")
+    return int(match[1]) * _UNITS[match[2]]
+
+
+def _command(value: object) -> tuple[str, ...]:
+    argv = _list_of(_str)(value)
+    if not argv or not argv[0]:
+        raise _Bad("expected a command as a list: program first, then its arguments")
+    if not any(TARGET in a for a in argv):
+        raise _Bad(f"the command must name the directory to fill as {TARGET}")
+    return argv
+
+
+_PARSERS: dict[str, Callable[[object], Any]] = {
+    "bootstrap": _str,
+    "suite": _matching(_SUITE, "a suite or codename such as 'bookworm' or 'sid'"),
+    "mirror": _matching(_MIRROR, "a URL (http://, https:// or file://)"),
+    "architecture": _matching(_ARCH, "a Debian architecture such as 'amd64' or 'i386'"),
+    "components": _list_of(_matching(_COMPONENT, "archive components such as 'main'")),
+    "variant": _str,
+    "packages": _list_of(_matching(_PACKAGE, "package names (no ',', spaces or leading '-')")),
+    "command": _command,
+    "import": _matching(re.compile(r"^\S"), "a path or URL"),
+    "setup": _str_or_list,
+    "playbook": _matching(re.compile(r"^\S"), "the path of a playbook"),
+    "recreate_after": parse_duration,
+    "personality": _str,
+    "hostname": _matching(_HOSTNAME, "a host name"),
+}
+
+
+def _limit_rows() -> dict[str, Callable[[object], Any]]:
+    """The settings a `[limits]` table may override: those of limits.Limits."""
+    from nspawn_runner import limits
+
+    names = {f.name for f in dataclasses.fields(limits.Limits)}
+    return {row.name: row.parse for row in SETTINGS if row.name in names}
+
+
+def path_of(settings: Settings, name: str) -> Path:
+    return settings.images_config_dir / f"{name}.toml"
+
+
+def names(settings: Settings) -> list[str]:
+    """The images that have a file, sorted."""
+    try:
+        entries = sorted(settings.images_config_dir.glob("*.toml"))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            images.validate_name(entry.stem)
+        except images.ImageError:
+            log.warn(f"{entry}: ignored: {entry.stem!r} is not a valid image name "
+                     f"({images.NAME_RULE})")
+            continue
+        found.append(entry.stem)
+    return found
+
+
+def read(path: Path) -> dict[str, Any]:
+    import tomlkit
+    from tomlkit.exceptions import ParseError
+
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ImageFileError(f"cannot read image file {path}: {e.strerror}") from None
+    try:
+        return dict(tomlkit.parse(text).unwrap())
+    except ParseError as e:
+        raise ImageFileError(f"image file {path} is not valid TOML: {e}; fix the syntax") from None
+
+
+def load(settings: Settings, name: str,
+         overrides: Mapping[str, object] | None = None) -> ImageSpec | None:
+    """The spec of image `name` from its file, None when it has no file (and no overrides)."""
+    images.validate_name(name)
+    path = path_of(settings, name)
+    if path.exists():
+        data = read(path)
+    elif overrides:
+        data = {}
+    else:
+        return None
+    data.update(overrides or {})
+    return parse(name, data, path if path.exists() else None, shown=path)
+
+
+def parse(name: str, data: Mapping[str, object], file: Path | None,
+          shown: Path | None = None) -> ImageSpec:
+    """Validate `data` (an image file's contents) into an ImageSpec. Errors name `shown` (the
+    file), the key and the value."""
+    where = str(shown or file or f"image {name}")
+    base = (file or shown or Path(".")).parent
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key == "limits":
+            values["limits"] = _parse_limits(where, raw)
+            continue
+        parser = _PARSERS.get(key)
+        if parser is None:
+            close = difflib.get_close_matches(key, [*_PARSERS, "limits"], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            log.warn(f"{where}: unknown key {key!r} ignored{hint}")
+            continue
+        try:
+            values[key] = parser(raw)
+        except _Bad as e:
+            raise ImageFileError(f"{where}: invalid value {raw!r} for {key!r}: {e}") from None
+
+    def bad(key: str, why: str) -> ImageFileError:
+        return ImageFileError(f"{where}: invalid value {data.get(key)!r} for {key!r}: {why}")
+
+    if "import" in values and "command" in values:
+        raise bad("import", "an image is either imported or made by a command, not both")
+    default = ("import" if "import" in values else "command" if "command" in values
+               else "mmdebstrap" if shutil.which("mmdebstrap") else "debootstrap")
+    bootstrap = values.pop("bootstrap", default)
+    if bootstrap not in (*BOOTSTRAPS, "import") or (bootstrap == "import") != ("import" in values):
+        raise bad("bootstrap", "expected one of " + ", ".join(BOOTSTRAPS) +
+                  " (or no bootstrap and import = PATH|URL)")
+    if bootstrap == "command" and "command" not in values:
+        raise ImageFileError(f"{where}: bootstrap = \"command\" needs command = [...], the argv "
+                             f"that fills the directory {TARGET}")
+    if bootstrap in DEBIAN_TOOLS:
+        if "command" in values:
+            raise bad("command", f"only used with bootstrap = \"command\", not {bootstrap!r}")
+        if not values.get("suite"):
+            raise ImageFileError(f"{where}: 'suite' is required with bootstrap = "
+                                 f"{bootstrap!r}, e.g. suite = \"bookworm\"")
+        variants = MMDEBSTRAP_VARIANTS if bootstrap == "mmdebstrap" else DEBOOTSTRAP_VARIANTS
+        if values.get("variant", "minbase") not in variants:
+            raise bad("variant", f"{bootstrap} variants are " + ", ".join(variants))
+    personality = values.pop("personality", None)
+    if personality is None:
+        personality = _PERSONALITY_OF.get(values.get("architecture", ""), "")
+    elif personality not in ("", *PERSONALITIES):
+        raise bad("personality", "expected one of " + ", ".join(PERSONALITIES))
+    playbook = values.pop("playbook", None)
+    imported = values.pop("import", "")
+    if imported and "://" not in imported:
+        imported = str(base / imported)
+    return ImageSpec(
+        name=name, file=file, bootstrap=bootstrap, personality=personality,
+        playbook=base / playbook if playbook else None, import_from=imported, **values)
+
+
+def _parse_limits(where: str, raw: object) -> tuple[tuple[str, Any], ...]:
+    if not isinstance(raw, dict):
+        raise ImageFileError(f"{where}: invalid value {raw!r} for 'limits': expected a table, "
+                             "[limits] with settings such as memory_max = \"4G\"")
+    rows = _limit_rows()
+    out = []
+    for key, value in raw.items():
+        parser = rows.get(key)
+        if parser is None:
+            raise ImageFileError(f"{where}: unknown key 'limits.{key}': a [limits] table may "
+                                 "set " + ", ".join(sorted(rows)))
+        try:
+            out.append((key, parser(value)))
+        except ValueError as e:  # the settings' parsers raise a ValueError subclass
+            raise ImageFileError(
+                f"{where}: invalid value {value!r} for 'limits.{key}': {e}") from None
+    return tuple(out)
+
+
+def save(path: Path, updates: Mapping[str, object]) -> None:
+    """Set `updates` in the image file at `path` (created if missing), keeping its comments
+    and layout. Written atomically: a job's prepare never reads half a file."""
+    import tomlkit
+
+    if path.exists():
+        doc = tomlkit.parse(path.read_text())
+    else:
+        doc = tomlkit.document()
+        doc.add(tomlkit.comment(f"Image {path.stem}: see docs/images.md of nspawn-runner."))
+    for key, value in updates.items():
+        doc[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(tomlkit.dumps(doc))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def overrides(settings: Settings, name: str, include: Sequence[str] = (),
+              **values: str | None) -> dict[str, object]:
+    """Command-line options as image file keys: the given `values`, and `include` added to the
+    file's packages."""
+    out: dict[str, object] = {k: v for k, v in values.items() if v is not None}
+    if include:
+        path = path_of(settings, name)
+        current = read(path).get("packages", []) if path.exists() else []
+        if not isinstance(current, list):
+            current = []
+        out["packages"] = list(dict.fromkeys([*map(str, current), *include]))
+    return out
