@@ -81,3 +81,13 @@ def test_step_unit_names_are_valid(stage: str) -> None:
     unit = run_stage.step_unit(stage)
     assert unit.endswith(".service") and len(unit) < 100
     assert all(c.isalnum() or c in "-_." for c in unit)
+
+
+def test_limits_personality_and_idmap_in_boot_command() -> None:
+    cmd = machine.boot_command(spec(Backend.BTRFS, personality="x86", idmap=True,
+                                    properties=("--property=MemoryMax=1G",),
+                                    nspawn_options=("--private-network",)))
+    assert cmd.index("--property=MemoryMax=1G") < cmd.index("--")  # on the unit, not nspawn
+    assert "--personality=x86" in cmd
+    assert "--bind=/r/cache/h/g/p:/cache/g/p:idmap" in cmd
+    assert cmd[-1] == "--private-network"
