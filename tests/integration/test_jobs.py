@@ -199,6 +199,12 @@ def test_secrets_never_in_driver_output(driver: Driver) -> None:
                                 masked_variables={"DB_PASSWORD"}), driver.config(verbose=True))
     assert bad.status == "system_failure"
     assert secret not in bad.raw_log and "[MASKED]" in bad.raw_log
+    # A variable GitLab does not mask, named secret in the settings, is masked all the same.
+    driver.write_settings(secret_variables=["DEPLOY_KEY"])
+    named = driver.run(driver.job(["true"], image=f"x/{secret}:{secret}",
+                                  variables={"DEPLOY_KEY": secret}), driver.config(verbose=True))
+    assert named.status == "system_failure"
+    assert secret not in named.raw_log and "[MASKED]" in named.raw_log
 
 
 def test_machine_gone_is_a_system_failure(driver: Driver) -> None:
