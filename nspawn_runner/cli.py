@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -181,5 +181,128 @@ def show_settings(
         cfg = settings.load(path)
         print(json.dumps(settings.effective(cfg, path), indent=2) if as_json
               else settings.show(cfg, path), end="\n" if as_json else "")
+
+    _do(act)
+
+
+# Images (docs/images.md): image files, and versions swapped in atomically under <root>/images.
+ImageName = Annotated[str, typer.Argument(help="Image name: <root>/images/NAME, and its file "
+                                               "NAME.toml in images_config_dir.")]
+
+
+def _opt(help_text: str) -> Any:
+    return typer.Option(help=help_text + " Overrides the image file.")
+
+
+@app.command("chroot-create")
+def chroot_create(
+    name: ImageName,
+    bootstrap: Annotated[str | None, _opt("mmdebstrap, debootstrap or command.")] = None,
+    suite: Annotated[str | None, _opt("Suite or codename, e.g. bookworm.")] = None,
+    mirror: Annotated[str | None, _opt("Debian mirror URL.")] = None,
+    architecture: Annotated[str | None, _opt("Architecture, e.g. i386.")] = None,
+    variant: Annotated[str | None, _opt("Bootstrap variant, e.g. minbase.")] = None,
+    include: Annotated[list[str] | None, typer.Option(
+        help="One more package (repeatable), added to the file's packages.")] = None,
+    save: Annotated[bool, typer.Option(
+        "--save", help="Write the options into the image file.")] = False,
+) -> None:
+    """Build image NAME aside from its file, then put it in place (replacing the old one)."""
+    from nspawn_runner import imagefile, imageops, state
+
+    def act() -> None:
+        state.cancel_on_signals()  # the half-made image is removed on SIGTERM
+        cfg = settings.load()
+        overrides = imagefile.overrides(cfg, name, include or [], bootstrap=bootstrap,
+                                        suite=suite, mirror=mirror, architecture=architecture,
+                                        variant=variant)
+        imageops.create(cfg, name, overrides, save)
+
+    _do(act)
+
+
+@app.command("chroot-login", context_settings={"ignore_unknown_options": True})
+def chroot_login(
+    name: ImageName,
+    command: Annotated[list[str] | None, typer.Argument(
+        help="A command instead of the shell (after --).")] = None,
+) -> None:
+    """A root shell in a copy of image NAME; exit 0 to make it the image, non-zero to drop it."""
+    from nspawn_runner import imageops, state
+
+    def act() -> None:
+        state.cancel_on_signals()
+        imageops.login(settings.load(), name, command or [])
+
+    _do(act)
+
+
+@app.command("chroot-maintenance")
+def chroot_maintenance(
+    names: Annotated[list[str] | None, typer.Argument(
+        help="Images to maintain [default: every image file].")] = None,
+) -> None:
+    """Create missing images, recreate old ones, re-run provisioning on the others."""
+    from nspawn_runner import imageops, state
+
+    def act() -> None:
+        state.cancel_on_signals()
+        outcomes = imageops.maintenance(settings.load(), names or [])
+        print(imageops.maintenance_report(outcomes), end="")
+        imageops.check_outcomes(outcomes)
+
+    _do(act)
+
+
+@app.command("chroot-list")
+def chroot_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List images: size, creation and maintenance time, backend, jobs using them now."""
+    from nspawn_runner import imageops
+
+    def act() -> None:
+        import json
+
+        rows = imageops.list_images(settings.load())
+        print(json.dumps(rows, indent=2) if as_json else imageops.list_report(rows), end="")
+
+    _do(act)
+
+
+@app.command("chroot-remove")
+def chroot_remove(
+    name: ImageName,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Even while jobs use it (they keep their version).")] = False,
+) -> None:
+    """Remove image NAME; refused while jobs use it, unless --force."""
+    from nspawn_runner import imageops
+
+    _do(lambda: imageops.remove(settings.load(), name, force))
+
+
+@app.command("chroot-export")
+def chroot_export(
+    name: ImageName,
+    file: Annotated[Path, typer.Argument(help="The tarball to write, e.g. NAME.tar.zst.")],
+) -> None:
+    """Write image NAME as one zstd tarball (ownership and xattrs kept)."""
+    from nspawn_runner import imageops
+
+    _do(lambda: imageops.export(settings.load(), name, file))
+
+
+@app.command("chroot-import")
+def chroot_import(
+    name: ImageName,
+    source: Annotated[str, typer.Argument(help="A tarball: a path or an http(s) URL.")],
+) -> None:
+    """Make image NAME from a tarball, checked before it replaces anything."""
+    from nspawn_runner import imageops, state
+
+    def act() -> None:
+        state.cancel_on_signals()
+        imageops.import_(settings.load(), name, source)
 
     _do(act)

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nspawn_runner import backends, images, job, settings
+from nspawn_runner import backends, imagefile, images, job, settings
 from nspawn_runner.backends import Backend
 from nspawn_runner.errors import CommandError, SystemFailure
 from nspawn_runner.run_stage import SHELLS
@@ -148,7 +148,10 @@ class Host:
         spec = machine.BootSpec(
             machine=name, unit=unit, image=image, image_path=path, backend=Backend.VOLATILE,
             root=cfg.root, boot_timeout=timeout, stop_timeout=cfg.stop_timeout,
-            description=f"nspawn-runner check: test boot of image {image}")
+            description=f"nspawn-runner check: test boot of image {image}",
+            # gc only collects job machines: should we be killed before the teardown, systemd
+            # stops this one by itself.
+            properties=(f"--property=RuntimeMaxSec={timeout + 300}",))
         start = time.monotonic()
         machine.boot(spec)
         try:
@@ -216,9 +219,10 @@ def _machined(host: Host) -> Check:
         return Check("machined (D-Bus)", Status.FAIL, str(e),
                      "`machinectl list` must work; the driver's Python needs pydbus (python3-gi "
                      "and python3-pydbus; a venv made with --system-site-packages)")
+    # machined always lists the host itself as ".host".
+    running = len([m for m in found if m != ".host"])
     return Check("machined (D-Bus)", Status.OK,
-                 f"systemd-machined answers ({len(found)} machine{'s' * (len(found) != 1)} "
-                 "registered)")
+                 f"systemd-machined answers ({running} machine{'s' * (running != 1)} running)")
 
 
 def _cgroups(host: Host) -> Check:
@@ -255,7 +259,12 @@ def _state_root(host: Host, cfg: Settings) -> list[Check]:
     backend = host.backend(cfg)
     how = "auto" if cfg.backend == "auto" else f"backend = {cfg.backend!r}"
     detail = f"{root} on {fs}: {backend.value} backend ({how})"
-    if backend is Backend.BTRFS and fs != "btrfs":
+    if cfg.private_users and backend is not Backend.BTRFS:
+        # prepare refuses this combination for every job: nspawn cannot idmap an overlay.
+        checks.append(Check("state root", Status.FAIL,
+                            detail + ": private_users needs the btrfs backend",
+                            "put the state root on btrfs, or set private_users = false"))
+    elif backend is Backend.BTRFS and fs != "btrfs":
         checks.append(Check("state root", Status.WARN,
                             detail + ": not btrfs, so every job copies the whole image",
                             'use backend = "auto" (overlay here), or put root on btrfs'))
@@ -303,6 +312,13 @@ def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
                                 f"install systemd, systemd-sysv and dbus in it, or remove "
                                 f"{cfg.images_dir / name}"))
             continue
+        try:
+            # prepare reads the image's file (per-image limits) for every job.
+            imagefile.load(cfg, name)
+        except SystemFailure as e:
+            checks.append(Check(label, Status.FAIL, str(e),
+                                f"fix {imagefile.path_of(cfg, name)} (docs/images.md)"))
+            continue
         if not boot:
             checks.append(Check(label, Status.OK, f"{path} has an init; not booted (--no-boot)"))
             continue
@@ -313,7 +329,7 @@ def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
         try:
             seconds = host.boot(cfg, name, path, boot_timeout or cfg.boot_timeout)
         except SystemFailure as e:
-            checks.append(Check(label, Status.FAIL, f"does not boot: {e}",
+            checks.append(Check(label, Status.FAIL, str(e),
                                 f"try it by hand: systemd-nspawn -D {path} --boot (the image "
                                 "needs systemd, systemd-sysv and dbus)"))
             continue
