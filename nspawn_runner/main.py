@@ -27,6 +27,12 @@ def finish(error: BaseException | None) -> int:
     "unknown" failure to gitlab-runner)."""
     if error is None:
         return 0
+    if isinstance(error, BrokenPipeError):
+        # `nspawn-runner settings | head`: the reader is gone, which is no error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     if isinstance(error, BuildFailure):
         log.debug(str(error))
         return _protocol_code("BUILD_FAILURE_EXIT_CODE", 1)

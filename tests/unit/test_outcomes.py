@@ -82,3 +82,16 @@ def test_bad_settings_are_a_system_failure(tmp_path: Path,
         assert result.exit_code == 2, stage
         assert "boot_timeout" in result.output
     assert os.environ["NSPAWN_RUNNER_CONFIG"].endswith("c.toml")
+
+
+def test_broken_pipe_is_not_an_error() -> None:
+    import subprocess
+    import sys
+
+    # A reader that went away (`nspawn-runner settings | head`): exit 0, no traceback, and the
+    # interpreter's final flush must not fail either (it writes into a closed pipe here).
+    code = ("import sys; from nspawn_runner.main import finish; print('x' * 100000); "
+            "sys.exit(finish(BrokenPipeError()))")
+    proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 0 and proc.stderr == ""
