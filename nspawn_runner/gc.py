@@ -104,6 +104,10 @@ def collect(cfg: Settings, grace: float) -> list[str]:
             lock = path.parent / f".#{path.name}.lck"
             lock.unlink(missing_ok=True)
             removed.append(f"snapshot {path}")
+    from nspawn_runner import imagestore
+
+    # Old image versions swapped out by maintenance, once no machine uses them any more.
+    removed += [f"old image version {p}" for p in imagestore.prune_old_versions(cfg)]
     for line in removed:
         log.info(f"gc: removed {line}")
     if not removed:

@@ -47,7 +47,7 @@ _MIRROR = re.compile(r"^(https?|file)://\S+$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*$")
 # The keys whose change means the image must be made anew (not only provisioned again).
 RECIPE_KEYS = ("bootstrap", "suite", "mirror", "architecture", "components", "variant",
-               "packages", "command", "import_from")
+               "packages", "bootstrap_options", "command", "import_from")
 
 
 class ImageFileError(SystemFailure):
@@ -66,6 +66,7 @@ class ImageSpec:
     components: tuple[str, ...] = ("main",)
     variant: str = "minbase"
     packages: tuple[str, ...] = ()
+    bootstrap_options: tuple[str, ...] = ()  # more options for mmdebstrap or debootstrap
     command: tuple[str, ...] = ()
     import_from: str = ""  # a path or URL of a tarball
     setup: tuple[str, ...] = ()
@@ -155,6 +156,13 @@ def parse_duration(value: object) -> int:
     return int(match[1]) * _UNITS[match[2]]
 
 
+def _option(value: object) -> str:
+    text = _str(value)
+    if not text.startswith("--"):
+        raise _Bad("expected options such as '--aptopt=...', each starting with '--'")
+    return text
+
+
 def _command(value: object) -> tuple[str, ...]:
     argv = _list_of(_str)(value)
     if not argv or not argv[0]:
@@ -172,6 +180,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "components": _list_of(_matching(_COMPONENT, "archive components such as 'main'")),
     "variant": _str,
     "packages": _list_of(_matching(_PACKAGE, "package names (no ',', spaces or leading '-')")),
+    "bootstrap_options": _list_of(_option),
     "command": _command,
     "import": _matching(re.compile(r"^\S"), "a path or URL"),
     "setup": _str_or_list,
@@ -277,6 +286,8 @@ def parse(name: str, data: Mapping[str, object], file: Path | None,
     if bootstrap == "command" and "command" not in values:
         raise ImageFileError(f"{where}: bootstrap = \"command\" needs command = [...], the argv "
                              f"that fills the directory {TARGET}")
+    if "bootstrap_options" in values and bootstrap not in DEBIAN_TOOLS:
+        raise bad("bootstrap_options", f"only used with {' or '.join(DEBIAN_TOOLS)}")
     if bootstrap in DEBIAN_TOOLS:
         if "command" in values:
             raise bad("command", f"only used with bootstrap = \"command\", not {bootstrap!r}")

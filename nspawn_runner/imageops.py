@@ -61,7 +61,8 @@ def _build(settings: Settings, spec: ImageSpec) -> Path:
         now = time.time()
         imagestore.write_meta(new, name=spec.name, created=now, maintained=now,
                               recipe=spec.recipe(), bootstrap=spec.bootstrap,
-                              suite=spec.suite, architecture=spec.architecture)
+                              suite=spec.suite, architecture=imagebuild.architecture(spec)
+                              if spec.debian else spec.architecture)
     return new
 
 
@@ -109,7 +110,7 @@ def _maintain_one(settings: Settings, name: str) -> str:
         if spec.recreate_after and (not isinstance(created, int | float)
                                     or time.time() - created > spec.recreate_after):
             _swap(settings, name, _build(settings, spec))
-            return "recreated (old)"
+            return f"recreated (older than {_duration(spec.recreate_after)})"
         if meta.get("recipe") not in (None, spec.recipe()):
             _swap(settings, name, _build(settings, spec))
             return "recreated (file changed)"
@@ -123,6 +124,8 @@ def maintenance(settings: Settings, names: Sequence[str]) -> list[Outcome]:
     """Bring every image with a file (or the named ones) up to date. One failing image does
     not stop the others; the summary says which failed."""
     todo = list(names) or imagefile.names(settings)
+    if not todo:
+        log.info(f"no image files in {settings.images_config_dir}: nothing to maintain")
     imagestore.prune_old_versions(settings)
     outcomes = []
     for name in todo:
@@ -291,6 +294,13 @@ def list_report(rows: Sequence[Mapping[str, object]]) -> str:
             str(len(jobs)) + (f" (+{old} old version{'s' if old > 1 else ''})" if old else ""),
         ))
     return _table(table)
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _iso(value: object) -> str | None:

@@ -175,3 +175,13 @@ def cleanup(cfg: Settings) -> None:
         root, this.machine)
     machine.teardown(this.machine, this.unit, overlay, cfg.stop_timeout)
     log.debug(f"machine {this.machine} removed")
+    if saved and saved.image_id:
+        from nspawn_runner import imagestore
+
+        # This may have been the last job on a version maintenance swapped out: drop it now
+        # rather than at the next image command. Never fail a cleanup over it.
+        try:
+            for path in imagestore.prune_old_versions(Settings(root=root)):
+                log.debug(f"removed old image version {path}")
+        except Exception as e:
+            log.warn(f"could not remove old image versions: {e}")

@@ -218,6 +218,34 @@ def test_maintenance_while_a_job_runs(drivers: dict[str, Driver], files: Path,
     nr(driver, "chroot-remove", "t-cmd")
 
 
+def test_maintenance_recreates_old_or_changed_images(drivers: dict[str, Driver],
+                                                     files: Path) -> None:
+    driver = drivers["btrfs"]
+
+    def maintain() -> str:
+        line = nr(driver, "chroot-maintenance", "t-age").stdout.splitlines()[1]
+        return line.removeprefix("t-age").strip().rsplit(None, 1)[0]
+
+    write_file(files, "t-age", command=["tar", "--zstd", "-xpf", guest_tarball(), "-C",
+                                        "{target}"])
+    assert maintain() == "created"
+    assert maintain() == "up to date (nothing to run)"
+    created = json.loads((driver.root / "images/t-age/etc/nspawn-runner/image.json")
+                         .read_text())["created"]
+    write_file(files, "t-age", recreate_after=1, setup=["true"],
+               command=["tar", "--zstd", "-xpf", guest_tarball(), "-C", "{target}"])
+    time.sleep(1.1)
+    assert maintain() == "recreated (older than 1s)"
+    meta = json.loads((driver.root / "images/t-age/etc/nspawn-runner/image.json").read_text())
+    assert meta["created"] > created
+    write_file(files, "t-age", setup=["true"],
+               command=["tar", "--warning=no-timestamp", "--zstd", "-xpf", guest_tarball(),
+                        "-C", "{target}"])
+    assert maintain() == "recreated (file changed)"
+    assert maintain() == "provisioned"
+    nr(driver, "chroot-remove", "t-age")
+
+
 def test_failed_provisioning_leaves_the_image_intact(drivers: dict[str, Driver],
                                                      files: Path) -> None:
     driver = drivers["overlay"]

@@ -92,6 +92,5 @@ def test_broken_pipe_is_not_an_error() -> None:
     # interpreter's final flush must not fail either (it writes into a closed pipe here).
     code = ("import sys; from nspawn_runner.main import finish; print('x' * 100000); "
             "sys.exit(finish(BrokenPipeError()))")
-    proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == ""
