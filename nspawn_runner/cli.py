@@ -46,7 +46,7 @@ def _global(
         log.set_verbose(True)
 
 
-@app.command()
+@app.command(short_help="Stage: print the JSON gitlab-runner reads.")
 def config() -> None:
     """Stage: print the JSON gitlab-runner reads (builds_dir, cache_dir, driver)."""
     from nspawn_runner import stages
@@ -58,7 +58,7 @@ def config() -> None:
     _do(act)
 
 
-@app.command()
+@app.command(short_help="Stage: boot the job's machine.")
 def prepare(default_image: DefaultImage = "") -> None:
     """Stage: boot the job's machine from its image; returns once it is up."""
     from nspawn_runner import stages, state
@@ -72,6 +72,7 @@ def prepare(default_image: DefaultImage = "") -> None:
 
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    short_help="Stage: run a job script in the machine.",
 )
 def run(
     args: Annotated[list[str], typer.Argument(help="[--verbose] SCRIPT STAGE", metavar="ARGS")],
@@ -82,7 +83,7 @@ def run(
     raise typer.Exit(run_stage.main(args))
 
 
-@app.command()
+@app.command(short_help="Stage: remove the job's machine.")
 def cleanup() -> None:
     """Stage: stop the job's machine and remove its writable layer (idempotent)."""
     from nspawn_runner import stages
@@ -90,7 +91,7 @@ def cleanup() -> None:
     _do(lambda: stages.cleanup(settings.load()))
 
 
-@app.command()
+@app.command(short_help="Remove leftovers of crashed jobs.")
 def gc(
     grace: Annotated[
         int | None,
@@ -109,7 +110,7 @@ def gc(
     _do(act)
 
 
-@app.command()
+@app.command(short_help="Print or merge the [[runners]] block.")
 def toml(
     default_image: DefaultImage = "",
     name: Annotated[str, typer.Option(
@@ -145,7 +146,7 @@ def toml(
     _do(act)
 
 
-@app.command()
+@app.command(short_help="Check that this host can run jobs.")
 def check(
     no_boot: Annotated[bool, typer.Option(
         "--no-boot", help="Do not boot each image (faster; checks only its layout).")] = False,
@@ -168,7 +169,7 @@ def check(
     _do(act)
 
 
-@app.command("settings")
+@app.command("settings", short_help="Show the effective settings.")
 def show_settings(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -194,7 +195,7 @@ def _opt(help_text: str) -> Any:
     return typer.Option(help=help_text + " Overrides the image file.")
 
 
-@app.command("chroot-create")
+@app.command("chroot-create", short_help="Build an image from its file.")
 def chroot_create(
     name: ImageName,
     bootstrap: Annotated[str | None, _opt("mmdebstrap, debootstrap or command.")] = None,
@@ -221,7 +222,8 @@ def chroot_create(
     _do(act)
 
 
-@app.command("chroot-login", context_settings={"ignore_unknown_options": True})
+@app.command("chroot-login", context_settings={"ignore_unknown_options": True},
+             short_help="Root shell in a copy of an image.")
 def chroot_login(
     name: ImageName,
     command: Annotated[list[str] | None, typer.Argument(
@@ -237,7 +239,7 @@ def chroot_login(
     _do(act)
 
 
-@app.command("chroot-maintenance")
+@app.command("chroot-maintenance", short_help="Bring every image up to date.")
 def chroot_maintenance(
     names: Annotated[list[str] | None, typer.Argument(
         help="Images to maintain [default: every image file].")] = None,
@@ -254,7 +256,7 @@ def chroot_maintenance(
     _do(act)
 
 
-@app.command("chroot-list")
+@app.command("chroot-list", short_help="List images and their use.")
 def chroot_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -270,7 +272,7 @@ def chroot_list(
     _do(act)
 
 
-@app.command("chroot-remove")
+@app.command("chroot-remove", short_help="Remove an image.")
 def chroot_remove(
     name: ImageName,
     force: Annotated[bool, typer.Option(
@@ -282,7 +284,7 @@ def chroot_remove(
     _do(lambda: imageops.remove(settings.load(), name, force))
 
 
-@app.command("chroot-export")
+@app.command("chroot-export", short_help="Write an image to one tarball.")
 def chroot_export(
     name: ImageName,
     file: Annotated[Path, typer.Argument(help="The tarball to write, e.g. NAME.tar.zst.")],
@@ -293,7 +295,7 @@ def chroot_export(
     _do(lambda: imageops.export(settings.load(), name, file))
 
 
-@app.command("chroot-import")
+@app.command("chroot-import", short_help="Make an image from a tarball.")
 def chroot_import(
     name: ImageName,
     source: Annotated[str, typer.Argument(help="A tarball: a path or an http(s) URL.")],
