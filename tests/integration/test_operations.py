@@ -50,17 +50,22 @@ def test_gc_removes_what_a_killed_runner_left_and_spares_running_jobs(driver: Dr
         d = Driver({driver.backend!r}, Path({str(driver.root)!r}), Path({str(driver.settings)!r}))
         run_job(d.config(), Job(script={victim.script!r}, job_id={victim.job_id}, image="bookworm"))
         """)], process_group=0)
-    wait_for(lambda: machines_of(victim.job_id))
-    wait_for(lambda: "nspawn-runner run" in sh("ps", "-eo", "args"))
-    survivor = driver.job(["echo survivor-up", "sleep 6", "echo survivor-done"])
-    results: dict[str, JobResult] = {}
-    thread = threading.Thread(target=lambda: results.update(r=driver.run(survivor)))
-    thread.start()
-    wait_for(lambda: machines_of(survivor.job_id))
-    for pid in sh("pgrep", "-f", "nspawn-runner run").split():
-        os.kill(int(pid), signal.SIGKILL)  # the victim's driver; the survivor is still booting
-    os.killpg(runner.pid, signal.SIGKILL)
-    runner.wait()
+    try:
+        wait_for(lambda: machines_of(victim.job_id))
+        # The victim's driver in its long step, noted before the survivor starts its drivers.
+        victim_step = "nspawn-runner run .* build_script"
+        wait_for(lambda: sh("pgrep", "-f", victim_step, check=False).split())
+        victim_drivers = sh("pgrep", "-f", victim_step).split()
+        survivor = driver.job(["echo survivor-up", "sleep 6", "echo survivor-done"])
+        results: dict[str, JobResult] = {}
+        thread = threading.Thread(target=lambda: results.update(r=driver.run(survivor)))
+        thread.start()
+        wait_for(lambda: machines_of(survivor.job_id))
+        for pid in victim_drivers:
+            os.kill(int(pid), signal.SIGKILL)
+    finally:
+        os.killpg(runner.pid, signal.SIGKILL)  # even if the test fails: never leave it running
+        runner.wait()
     time.sleep(1)
     assert machines_of(victim.job_id), "the killed job's machine is left running"
     output = gc(driver)
