@@ -195,7 +195,8 @@ def remove(settings: Settings, name: str, force: bool = False) -> None:
     with imagestore.lock(settings, name, f"chroot-remove {name}"):
         path = imagestore.image_path(settings, name)
         if not path.is_dir():
-            raise images.ImageError(f"image {name!r} does not exist in {settings.images_dir}")
+            raise images.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
+                                "`nspawn-runner chroot-list` shows the images there are")
         users = imagestore.jobs_using(name)
         if users and not force:
             raise imagestore.ImageBusy(
@@ -213,7 +214,8 @@ def export(settings: Settings, name: str, dest: Path) -> None:
     """Image `name` as one zstd tarball with ownership, permissions, ACLs and xattrs."""
     path = imagestore.image_path(settings, name)
     if not path.is_dir():
-        raise images.ImageError(f"image {name!r} does not exist in {settings.images_dir}")
+        raise images.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
+                                "`nspawn-runner chroot-list` shows the images there are")
     dest = dest.absolute()
     partial = dest.with_name(f".{dest.name}.partial")
     with imagestore.lock(settings, name, f"chroot-export {name}"), Step(f"export to {dest}"):

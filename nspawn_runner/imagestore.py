@@ -123,7 +123,8 @@ def new_copy(settings: Settings, name: str) -> Path:
     (hard links would let changes write through into the image jobs are using)."""
     src = image_path(settings, name)
     if not src.is_dir():
-        raise images.ImageError(f"image {name!r} does not exist in {settings.images_dir}")
+        raise images.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
+                                "`nspawn-runner chroot-list` shows the images there are")
     dst = settings.images_dir / _tmp_name(name)
     if is_subvolume(src):
         proc.run(["btrfs", "-q", "subvolume", "snapshot", src, dst])
