@@ -114,5 +114,3 @@ def collect(cfg: Settings, grace: float) -> list[str]:
         log.debug("gc: nothing to remove")
     return removed
 
-
-__all__ = ["collect"]

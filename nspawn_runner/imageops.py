@@ -16,7 +16,7 @@ from pathlib import Path
 from nspawn_runner import backends, imagebuild, imagefile, images, imagestore, log, proc
 from nspawn_runner.errors import Cancelled, NspawnRunnerError, SystemFailure
 from nspawn_runner.imagefile import ImageSpec
-from nspawn_runner.progress import Step, run_tool, stop
+from nspawn_runner.progress import Step, run_tool, wait
 from nspawn_runner.settings import Settings
 
 
@@ -175,12 +175,7 @@ def login(settings: Settings, name: str, command: Sequence[str]) -> None:
             log.info(f"chroot-login: changes go to a copy of {name!r}; they replace the image "
                      "when the shell exits with status 0, otherwise they are discarded")
             argv = imagebuild.nspawn_command(spec, name, copy, command, cache, interactive)
-            child = proc.spawn(argv, stdin=None)
-            try:
-                code = child.wait()
-            except BaseException:
-                stop(child)
-                raise
+            code = wait(proc.spawn(argv, stdin=None))
             if code != 0:
                 raise SystemFailure(f"chroot-login: the shell exited with status {code}: the "
                                     f"changes were discarded, image {name!r} is unchanged")

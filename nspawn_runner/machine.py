@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nspawn_runner import backends, dbus, log, proc, state
 from nspawn_runner.backends import Backend
-from nspawn_runner.errors import Cancelled, CommandError, SystemFailure
+from nspawn_runner.errors import CommandError, SystemFailure
 
 GITLAB_RUNNER_INSIDE = "/usr/local/bin/gitlab-runner"
 
@@ -148,5 +148,3 @@ def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int) -
         shutil.rmtree(overlay)
     state.remove(machine)
 
-
-__all__ = ["BootSpec", "Cancelled", "boot", "boot_command", "teardown"]

@@ -61,6 +61,15 @@ def stop(child: subprocess.Popen[bytes]) -> None:
             child.wait()
 
 
+def wait(child: subprocess.Popen[bytes]) -> int:
+    """The child's exit status; if we are interrupted (SIGTERM, Ctrl-C) it is stopped first."""
+    try:
+        return child.wait()
+    except BaseException:
+        stop(child)
+        raise
+
+
 def run_tool(cmd: proc.Argv) -> None:
     """Run a long tool (a bootstrapper, a provisioning command). Its output streams to stderr
     with --verbose; otherwise it is kept and its last lines are shown if the tool fails."""
@@ -83,10 +92,6 @@ def run_tool(cmd: proc.Argv) -> None:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
-    try:
-        code = child.wait()
-    except BaseException:
-        stop(child)
-        raise
+    code = wait(child)
     if code != 0:
         raise CommandError(argv, code, "see its output above")
