@@ -157,9 +157,15 @@ def nspawn_pid() -> int | None:
     return pid if b"systemd-nspawn" in cmdline else None
 
 
-def leader_pid() -> int:
-    """PID of the host container's init, as seen from here."""
+def leader_pid(starting: bool = False) -> int:
+    """PID of the host container's init, as seen from here. `starting`: systemd-nspawn was
+    just spawned and may not have exec'd yet (its cmdline is still python's)."""
     pid = nspawn_pid()
+    for _ in range(100 if starting else 0):
+        if pid is not None:
+            break
+        time.sleep(0.05)
+        pid = nspawn_pid()
     if pid is None:
         raise SystemExit("testbed: not running; start it with: tests/testbed.py up")
     for _ in range(200):
@@ -239,7 +245,7 @@ def up() -> None:
             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
             start_new_session=True)
         (STATE / "nspawn.pid").write_text(str(proc.pid))
-        leader_pid()
+        leader_pid(starting=True)
         for _ in range(600):
             state = subprocess.run(
                 ["nsenter", "-t", str(leader_pid()), "-a", "systemctl", "is-system-running"],
