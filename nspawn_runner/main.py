@@ -51,7 +51,7 @@ def finish(error: BaseException | None) -> int:
 def main() -> None:
     args = sys.argv[1:]
     if args[:1] == ["run"] and not {"--help", "-h"} & set(args):
-        from nspawn_runner.run_stage import main as run_main
+        from nspawn_runner.executor.run import main as run_main
 
         sys.exit(run_main(args[1:]))
     from nspawn_runner.cli import app

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nspawn_runner import limits, log
+from nspawn_runner import log
 from nspawn_runner.errors import SystemFailure
+from nspawn_runner.host import limits
 
 DEFAULT_CONFIG = Path("/etc/nspawn-runner/config.toml")
 DEFAULT_ROOT = Path("/var/lib/nspawn-runner")

@@ -60,8 +60,8 @@ def aside(driver: Driver) -> list[str]:
 
 
 def prune(driver: Driver) -> None:
-    code = ("from pathlib import Path; from nspawn_runner import imagestore, settings; "
-            f"imagestore.prune_old_versions(settings.load(Path({str(driver.settings)!r})))")
+    code = ("from pathlib import Path; from nspawn_runner import settings; from nspawn_runner.images import store; "
+            f"store.prune_old_versions(settings.load(Path({str(driver.settings)!r})))")
     subprocess.run(["/opt/nspawn-runner/bin/python", "-c", code], check=True)
 
 

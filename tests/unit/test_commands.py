@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from nspawn_runner import backends, machine, run_stage, state
-from nspawn_runner.backends import Backend
+from nspawn_runner.executor import run as run_stage
+from nspawn_runner.executor import state
+from nspawn_runner.host import backends, machine
+from nspawn_runner.host.backends import Backend
 
 
 def spec(backend: Backend, **kw: object) -> machine.BootSpec:

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nspawn_runner import run_stage, state
 from nspawn_runner.cli import app
 from nspawn_runner.errors import BuildFailure, Cancelled, CommandError, SystemFailure
+from nspawn_runner.executor import run as run_stage
+from nspawn_runner.executor import state
 from nspawn_runner.main import finish
 
 

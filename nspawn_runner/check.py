@@ -15,10 +15,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nspawn_runner import backends, imagefile, images, job, settings
-from nspawn_runner.backends import Backend
+from nspawn_runner import settings
 from nspawn_runner.errors import CommandError, SystemFailure
-from nspawn_runner.run_stage import SHELLS
+from nspawn_runner.executor import identity
+from nspawn_runner.executor.run import SHELLS
+from nspawn_runner.host import backends
+from nspawn_runner.host.backends import Backend
+from nspawn_runner.images import names as image_names
+from nspawn_runner.images import spec
 from nspawn_runner.settings import Settings
 
 MIN_SYSTEMD = 247
@@ -118,9 +122,9 @@ class Host:
         return shutil.which(command)
 
     def machines(self) -> list[str]:
-        from nspawn_runner import dbus
+        from nspawn_runner.host import machined
 
-        return dbus.machines()
+        return machined.machines()
 
     def filesystem(self, path: Path) -> str:
         return backends.filesystem(path)
@@ -132,7 +136,7 @@ class Host:
         return shutil.disk_usage(path).free
 
     def gitlab_runner(self, cfg: Settings) -> Path | None:
-        from nspawn_runner import stages
+        from nspawn_runner.executor import prepare as stages
 
         return stages.gitlab_runner_binary(cfg)
 
@@ -140,11 +144,12 @@ class Host:
         """Boot `image` as a job would (on the volatile backend: nothing is written to disk),
         run the job shell in it through systemd-run as the run stage does, tear it down.
         Returns the seconds until the shell ran; raises SystemFailure saying what failed."""
-        from nspawn_runner import machine, proc
+        from nspawn_runner import proc
+        from nspawn_runner.host import machine
 
         self._boots += 1
-        name = f"{job.MACHINE_PREFIX}check-{os.getpid()}-{self._boots}"
-        unit = f"{job.UNIT_PREFIX}{name}.service"
+        name = f"{identity.MACHINE_PREFIX}check-{os.getpid()}-{self._boots}"
+        unit = f"{identity.UNIT_PREFIX}{name}.service"
         spec = machine.BootSpec(
             machine=name, unit=unit, image=image, image_path=path, backend=Backend.VOLATILE,
             root=cfg.root, boot_timeout=timeout, stop_timeout=cfg.stop_timeout,
@@ -285,7 +290,7 @@ def _state_root(host: Host, cfg: Settings) -> list[Check]:
 
 def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
             boot_timeout: int) -> list[Check]:
-    names = images.available(cfg)
+    names = image_names.available(cfg)
     if not names:
         return [Check("images", Status.FAIL, f"no images in {cfg.images_dir}",
                       f"make one, e.g. mmdebstrap --variant=minbase --include=systemd,"
@@ -306,7 +311,7 @@ def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
             checks.append(Check(label, Status.SKIP, "not in allowed_images: jobs cannot use it"))
             continue
         try:
-            _, path = images.resolve(cfg, "", name)
+            _, path = image_names.resolve(cfg, "", name)
         except SystemFailure as e:
             checks.append(Check(label, Status.FAIL, str(e),
                                 f"install systemd, systemd-sysv and dbus in it, or remove "
@@ -314,10 +319,10 @@ def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
             continue
         try:
             # prepare reads the image's file (per-image limits) for every job.
-            imagefile.load(cfg, name)
+            spec.load(cfg, name)
         except SystemFailure as e:
             checks.append(Check(label, Status.FAIL, str(e),
-                                f"fix {imagefile.path_of(cfg, name)} (docs/images.md)"))
+                                f"fix {spec.path_of(cfg, name)} (docs/images.md)"))
             continue
         if not boot:
             checks.append(Check(label, Status.OK, f"{path} has an init; not booted (--no-boot)"))

@@ -6,7 +6,7 @@ with `<images>/NAME` by renameat2(RENAME_EXCHANGE): a job's prepare always finds
 image at that path, old or new. The old version becomes `<images>/.old-NAME@<time>-XXXX` and
 is removed once no job's state file says it booted from it (a booted overlay or volatile
 machine keeps using the directory it mounted). Names starting with '.' are never images
-(images.available, images.resolve). Operations on one image take `<images>/.lock-NAME`."""
+(names.available, names.resolve). Operations on one image take `<images>/.lock-NAME`."""
 
 from __future__ import annotations
 
@@ -22,8 +22,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from nspawn_runner import backends, images, log, proc, state
+from nspawn_runner import log, proc
 from nspawn_runner.errors import SystemFailure
+from nspawn_runner.executor import state
+from nspawn_runner.host import backends
+from nspawn_runner.images import names
 from nspawn_runner.settings import Settings
 
 TMP_PREFIX = ".tmp-"
@@ -43,7 +46,7 @@ class ImageBusy(SystemFailure):
 
 
 def image_path(settings: Settings, name: str) -> Path:
-    images.validate_name(name)
+    names.validate_name(name)
     return settings.images_dir / name
 
 
@@ -123,7 +126,7 @@ def new_copy(settings: Settings, name: str) -> Path:
     (hard links would let changes write through into the image jobs are using)."""
     src = image_path(settings, name)
     if not src.is_dir():
-        raise images.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
+        raise names.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
                                 "`nspawn-runner chroot-list` shows the images there are")
     dst = settings.images_dir / _tmp_name(name)
     if is_subvolume(src):

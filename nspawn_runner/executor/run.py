@@ -9,8 +9,9 @@ import contextlib
 import os
 import subprocess
 
-from nspawn_runner import job, log, proc, state
+from nspawn_runner import log, proc
 from nspawn_runner.errors import BuildFailure, Cancelled, SystemFailure
+from nspawn_runner.executor import identity, state
 
 SHELLS = {"bash": "/bin/bash", "sh": "/bin/sh"}
 # How long a cancelled step's processes get between SIGTERM and SIGKILL: gitlab-runner's own
@@ -75,7 +76,7 @@ def _stop(st: state.MachineState, unit: str) -> None:
 
 
 def run(script: str, stage: str) -> None:
-    this = job.load()
+    this = identity.load()
     st = state.read(this.machine)
     if st is None:
         raise SystemFailure(f"machine {this.machine} was not prepared (no "

@@ -13,14 +13,17 @@ import shutil
 import time
 from pathlib import Path
 
-from nspawn_runner import backends, dbus, job, log, machine, proc, state
+from nspawn_runner import log, proc
+from nspawn_runner.executor import identity, state
+from nspawn_runner.host import backends, machine, machined
 from nspawn_runner.settings import Settings
 
 
 def _units() -> dict[str, float]:
     """Our machine units and when each became active (seconds since the epoch)."""
     listed = proc.run(["systemctl", "list-units", "--all", "--plain", "--no-legend", "--full",
-                       f"{job.UNIT_PREFIX}{job.MACHINE_PREFIX}*"], capture=True, check=False)
+                       f"{identity.UNIT_PREFIX}{identity.MACHINE_PREFIX}*"],
+                      capture=True, check=False)
     names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
     if not names:
         return {}
@@ -60,7 +63,7 @@ def collect(cfg: Settings, grace: float) -> list[str]:
     units = _units()
     states: dict[str, state.MachineState | None] = {}
     if state.RUNTIME_DIR.is_dir():
-        for path in state.RUNTIME_DIR.glob(f"{job.MACHINE_PREFIX}*.json"):
+        for path in state.RUNTIME_DIR.glob(f"{identity.MACHINE_PREFIX}*.json"):
             states[path.stem] = state.read(path.stem)
 
     for name, st in states.items():
@@ -71,13 +74,13 @@ def collect(cfg: Settings, grace: float) -> list[str]:
         removed.append(f"machine {name} (image {st.image}): its gitlab-runner process is gone")
 
     for unit, since in units.items():
-        name = unit.removeprefix(job.UNIT_PREFIX).removesuffix(".service")
-        if name in states or not job.is_machine_name(name) or now - since < grace:
+        name = unit.removeprefix(identity.UNIT_PREFIX).removesuffix(".service")
+        if name in states or not identity.is_machine_name(name) or now - since < grace:
             continue
         machine.teardown(name, unit, backends.overlay_dir(cfg.root, name), cfg.stop_timeout)
         removed.append(f"machine {name}: unit {unit} without a job")
 
-    live = {u.removeprefix(job.UNIT_PREFIX).removesuffix(".service") for u in _units()}
+    live = {u.removeprefix(identity.UNIT_PREFIX).removesuffix(".service") for u in _units()}
     overlays = cfg.root / "overlays"
     for path in sorted(overlays.iterdir()) if overlays.is_dir() else []:
         if path.name in live or path.name in states or _age(path, now) < grace:
@@ -86,7 +89,7 @@ def collect(cfg: Settings, grace: float) -> list[str]:
         removed.append(f"overlay {path}")
 
     if state.RUNTIME_DIR.is_dir():
-        for path in state.RUNTIME_DIR.glob(f"{job.MACHINE_PREFIX}*.d"):
+        for path in state.RUNTIME_DIR.glob(f"{identity.MACHINE_PREFIX}*.d"):
             name = path.name.removesuffix(".d")
             if name not in live and not state.path(name).exists() and _age(path, now) >= grace:
                 shutil.rmtree(path, ignore_errors=True)
@@ -96,7 +99,7 @@ def collect(cfg: Settings, grace: float) -> list[str]:
     snapshots = sorted(cfg.images_dir.glob(".#machine.*")) if cfg.images_dir.is_dir() else []
     snapshots = [p for p in snapshots if p.is_dir() and not p.is_symlink()]
     if snapshots:
-        in_use = dbus.root_directories()
+        in_use = machined.root_directories()
         for path in snapshots:
             if str(path) in in_use or _age(path, now) < grace:
                 continue
@@ -104,10 +107,10 @@ def collect(cfg: Settings, grace: float) -> list[str]:
             lock = path.parent / f".#{path.name}.lck"
             lock.unlink(missing_ok=True)
             removed.append(f"snapshot {path}")
-    from nspawn_runner import imagestore
+    from nspawn_runner.images import store
 
     # Old image versions swapped out by maintenance, once no machine uses them any more.
-    removed += [f"old image version {p}" for p in imagestore.prune_old_versions(cfg)]
+    removed += [f"old image version {p}" for p in store.prune_old_versions(cfg)]
     for line in removed:
         log.info(f"gc: removed {line}")
     if not removed:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nspawn_runner import images, log
+from nspawn_runner import log
 from nspawn_runner.errors import SystemFailure
+from nspawn_runner.images import names as image_names
 from nspawn_runner.settings import SETTINGS, Settings
 
 DEBIAN_TOOLS = ("mmdebstrap", "debootstrap")
@@ -193,7 +194,7 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
 
 def _limit_rows() -> dict[str, Callable[[object], Any]]:
     """The settings a `[limits]` table may override: those of limits.Limits."""
-    from nspawn_runner import limits
+    from nspawn_runner.host import limits
 
     names = {f.name for f in dataclasses.fields(limits.Limits)}
     return {row.name: row.parse for row in SETTINGS if row.name in names}
@@ -212,10 +213,10 @@ def names(settings: Settings) -> list[str]:
     found = []
     for entry in entries:
         try:
-            images.validate_name(entry.stem)
-        except images.ImageError:
+            image_names.validate_name(entry.stem)
+        except image_names.ImageError:
             log.warn(f"{entry}: ignored: {entry.stem!r} is not a valid image name "
-                     f"({images.NAME_RULE})")
+                     f"({image_names.NAME_RULE})")
             continue
         found.append(entry.stem)
     return found
@@ -238,7 +239,7 @@ def read(path: Path) -> dict[str, Any]:
 def load(settings: Settings, name: str,
          overrides: Mapping[str, object] | None = None) -> ImageSpec | None:
     """The spec of image `name` from its file, None when it has no file (and no overrides)."""
-    images.validate_name(name)
+    image_names.validate_name(name)
     path = path_of(settings, name)
     if path.exists():
         data = read(path)

@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nspawn_runner import backends, dbus, log, proc, state
-from nspawn_runner.backends import Backend
+from nspawn_runner import log, proc
 from nspawn_runner.errors import CommandError, SystemFailure
+from nspawn_runner.executor import state
+from nspawn_runner.host import backends, machined
+from nspawn_runner.host.backends import Backend
 
 GITLAB_RUNNER_INSIDE = "/usr/local/bin/gitlab-runner"
 
@@ -143,7 +145,7 @@ def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int) -
     if result.returncode not in (0, 5):
         raise CommandError(["systemctl", "stop", unit], result.returncode, result.stderr)
     proc.run(["systemctl", "reset-failed", unit], check=False)
-    dbus.wait_gone(machine, timeout=10)
+    machined.wait_gone(machine, timeout=10)
     if overlay is not None and overlay.exists():
         shutil.rmtree(overlay)
     state.remove(machine)

@@ -39,7 +39,7 @@ class MachineState(NamedTuple):
     schema: int = SCHEMA
 
 
-# Inside every machine: where each step leaves its exit status (see run_stage.command).
+# Inside every machine: where each step leaves its exit status (see executor/run.py: command).
 RESULTS_INSIDE = "/run/nspawn-runner"
 
 

@@ -14,18 +14,11 @@ import socket
 import time
 from pathlib import Path
 
-from nspawn_runner import (
-    __version__,
-    backends,
-    images,
-    job,
-    limits,
-    log,
-    machine,
-    settings,
-    state,
-)
+from nspawn_runner import __version__, log, settings
 from nspawn_runner.errors import SystemFailure
+from nspawn_runner.executor import identity, state
+from nspawn_runner.host import backends, limits, machine
+from nspawn_runner.images import names
 from nspawn_runner.settings import Settings
 
 _SERVER = re.compile(r"^[A-Za-z0-9.:-]+$")
@@ -47,16 +40,17 @@ def config(cfg: Settings) -> str:
     return json.dumps(config_output(cfg))
 
 
-def _server_dir(this: job.Job) -> str:
+def _server_dir(this: identity.Job) -> str:
     return this.server if _SERVER.match(this.server) and ".." not in this.server else "local"
 
 
-def cache_host_dir(cfg: Settings, this: job.Job) -> Path:
+def cache_host_dir(cfg: Settings, this: identity.Job) -> Path:
     # Per GitLab instance and project: a job only ever sees its own project's caches.
     return cfg.root / "cache" / _server_dir(this) / this.project_path
 
 
-def builds_host_dir(cfg: Settings, this: job.Job, environ: dict[str, str] | None = None) -> Path:
+def builds_host_dir(cfg: Settings, this: identity.Job,
+                    environ: dict[str, str] | None = None) -> Path:
     """The persistent builds directory of the job's project and concurrent slot. The slot is
     a job variable (CI_CONCURRENT_ID) a job could set: it can only ever pick another slot of
     its own project, never another project's checkout."""
@@ -85,15 +79,15 @@ def _check_host() -> None:
                             "for the test bed on hosts without it)")
 
 
-def boot_spec(cfg: Settings, this: job.Job,
+def boot_spec(cfg: Settings, this: identity.Job,
               default_image: str = "") -> tuple[machine.BootSpec, limits.Limits]:
     """How to boot the job's machine, and the limits that apply to it (the settings',
     overridden by the image file's [limits])."""
-    from nspawn_runner import imagefile
+    from nspawn_runner.images import spec
 
-    name, path = images.resolve(cfg, this.image_ref, default_image)
+    name, path = names.resolve(cfg, this.image_ref, default_image)
     backend = backends.choose(cfg.backend, cfg.root)
-    image_spec = imagefile.load(cfg, name)
+    image_spec = spec.load(cfg, name)
     lim = cfg.limits(**(image_spec.limit_overrides() if image_spec else {}))
     if lim.private_users and backend is not backends.Backend.BTRFS:
         # nspawn maps ownership with idmapped mounts, which it cannot do on an overlay root;
@@ -132,7 +126,7 @@ def boot_spec(cfg: Settings, this: job.Job,
 
 
 def prepare(cfg: Settings, default_image: str = "") -> None:
-    this = job.load(secret_names=cfg.secret_variables)
+    this = identity.load(secret_names=cfg.secret_variables)
     spec, lim = boot_spec(cfg, this, default_image)
     _check_host()
     # A crashed runner or a killed earlier attempt may have left this job's machine behind.
@@ -167,7 +161,7 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
 
 
 def cleanup(cfg: Settings) -> None:
-    this = job.load(secret_names=cfg.secret_variables)
+    this = identity.load(secret_names=cfg.secret_variables)
     saved = state.read(this.machine)
     # The settings may have changed since prepare; the state file knows what prepare did.
     root = Path(saved.root) if saved else cfg.root
@@ -176,12 +170,12 @@ def cleanup(cfg: Settings) -> None:
     machine.teardown(this.machine, this.unit, overlay, cfg.stop_timeout)
     log.debug(f"machine {this.machine} removed")
     if saved and saved.image_id:
-        from nspawn_runner import imagestore
+        from nspawn_runner.images import store
 
         # This may have been the last job on a version maintenance swapped out: drop it now
         # rather than at the next image command. Never fail a cleanup over it.
         try:
-            for path in imagestore.prune_old_versions(Settings(root=root)):
+            for path in store.prune_old_versions(Settings(root=root)):
                 log.debug(f"removed old image version {path}")
         except Exception as e:
             log.warn(f"could not remove old image versions: {e}")
