@@ -15,11 +15,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nspawn_runner import settings
+from nspawn_runner import layout, settings
 from nspawn_runner.errors import CommandError, SystemFailure
 from nspawn_runner.executor import identity
-from nspawn_runner.executor.run import SHELLS
-from nspawn_runner.host import backends
+from nspawn_runner.host import backends, fs
 from nspawn_runner.host.backends import Backend
 from nspawn_runner.images import names as image_names
 from nspawn_runner.images import spec
@@ -127,7 +126,7 @@ class Host:
         return machined.machines()
 
     def filesystem(self, path: Path) -> str:
-        return backends.filesystem(path)
+        return fs.filesystem(path)
 
     def backend(self, cfg: Settings) -> Backend:
         return backends.choose(cfg.backend, cfg.root)
@@ -160,7 +159,7 @@ class Host:
         start = time.monotonic()
         machine.boot(spec)
         try:
-            shell = SHELLS.get(cfg.shell, "/bin/sh")
+            shell = layout.SHELLS.get(cfg.shell, "/bin/sh")
             try:
                 proc.run(["systemd-run", "--quiet", f"--machine={name}", "--pipe", "--wait",
                           "--collect", "--service-type=exec", "--", shell, "-c", "true"],
@@ -339,7 +338,7 @@ def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
                                 "needs systemd, systemd-sysv and dbus)"))
             continue
         checks.append(Check(label, Status.OK,
-                            f"boots and runs {SHELLS.get(cfg.shell, cfg.shell)} "
+                            f"boots and runs {layout.SHELLS.get(cfg.shell, cfg.shell)} "
                             f"({seconds:.1f}s)"))
     return checks
 

@@ -1,4 +1,4 @@
-"""The command line. Only parses arguments and maps outcomes to exit codes (main.finish); the
+"""The command line. Only parses arguments and maps outcomes to exit codes (errors.finish); the
 work happens in the modules it calls."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from nspawn_runner import log, settings
-from nspawn_runner.errors import SystemFailure
-from nspawn_runner.main import finish
+from nspawn_runner.errors import SystemFailure, cancel_on_signals, finish
 
 app = typer.Typer(
     help="GitLab Runner custom-executor driver: every CI job in its own systemd-nspawn machine.",
@@ -49,10 +48,10 @@ def _global(
 @app.command(short_help="Stage: print the JSON gitlab-runner reads.")
 def config() -> None:
     """Stage: print the JSON gitlab-runner reads (builds_dir, cache_dir, driver)."""
-    from nspawn_runner.executor import prepare as stages
+    from nspawn_runner.executor import config as config_stage
 
     def act() -> None:
-        out = stages.config(settings.load())
+        out = config_stage.config(settings.load())
         print(out)
 
     _do(act)
@@ -61,12 +60,11 @@ def config() -> None:
 @app.command(short_help="Stage: boot the job's machine.")
 def prepare(default_image: DefaultImage = "") -> None:
     """Stage: boot the job's machine from its image; returns once it is up."""
-    from nspawn_runner.executor import prepare as stages
-    from nspawn_runner.executor import state
+    from nspawn_runner.executor import prepare as prepare_stage
 
     def act() -> None:
-        state.cancel_on_signals()
-        stages.prepare(settings.load(), default_image)
+        cancel_on_signals()
+        prepare_stage.prepare(settings.load(), default_image)
 
     _do(act)
 
@@ -87,9 +85,9 @@ def run(
 @app.command(short_help="Stage: remove the job's machine.")
 def cleanup() -> None:
     """Stage: stop the job's machine and remove its writable layer (idempotent)."""
-    from nspawn_runner.executor import prepare as stages
+    from nspawn_runner.executor import cleanup as cleanup_stage
 
-    _do(lambda: stages.cleanup(settings.load()))
+    _do(lambda: cleanup_stage.cleanup(settings.load()))
 
 
 @app.command(short_help="Remove leftovers of crashed jobs.")
@@ -159,10 +157,9 @@ def check(
 ) -> None:
     """Check that this host can run jobs; exits with the system-failure code if it cannot."""
     from nspawn_runner import check as host_check
-    from nspawn_runner.executor import state
 
     def act() -> None:
-        state.cancel_on_signals()  # a test boot in progress is torn down on SIGTERM
+        cancel_on_signals()  # a test boot in progress is torn down on SIGTERM
         report = host_check.run(host_check.Host(), settings.config_path(), boot=not no_boot,
                                boot_timeout=boot_timeout or 0)
         print(report.to_json() if as_json else report.render(), end="")
@@ -215,12 +212,12 @@ def chroot_create(
     from nspawn_runner.images import commands, spec
 
     def act() -> None:
-        state.cancel_on_signals()  # the half-made image is removed on SIGTERM
+        cancel_on_signals()  # the half-made image is removed on SIGTERM
         cfg = settings.load()
         overrides = spec.overrides(cfg, name, include or [], bootstrap=bootstrap,
                                         suite=suite, mirror=mirror, architecture=architecture,
                                         variant=variant)
-        commands.create(cfg, name, overrides, save)
+        commands.create(cfg, name, state.image_uses, overrides, save)
 
     _do(act)
 
@@ -237,8 +234,8 @@ def chroot_login(
     from nspawn_runner.images import commands
 
     def act() -> None:
-        state.cancel_on_signals()
-        commands.login(settings.load(), name, command or [])
+        cancel_on_signals()
+        commands.login(settings.load(), name, command or [], state.image_uses)
 
     _do(act)
 
@@ -253,8 +250,8 @@ def chroot_maintenance(
     from nspawn_runner.images import commands
 
     def act() -> None:
-        state.cancel_on_signals()
-        outcomes = commands.maintenance(settings.load(), names or [])
+        cancel_on_signals()
+        outcomes = commands.maintenance(settings.load(), names or [], state.image_uses)
         print(commands.maintenance_report(outcomes), end="")
         commands.check_outcomes(outcomes)
 
@@ -266,12 +263,13 @@ def chroot_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List images: size, creation and maintenance time, backend, jobs using them now."""
+    from nspawn_runner.executor import state
     from nspawn_runner.images import commands
 
     def act() -> None:
         import json
 
-        rows = commands.list_images(settings.load())
+        rows = commands.list_images(settings.load(), state.image_uses)
         print(json.dumps(rows, indent=2) if as_json else commands.list_report(rows), end="")
 
     _do(act)
@@ -284,9 +282,10 @@ def chroot_remove(
         "--force", help="Even while jobs use it (they keep their version).")] = False,
 ) -> None:
     """Remove image NAME; refused while jobs use it, unless --force."""
+    from nspawn_runner.executor import state
     from nspawn_runner.images import commands
 
-    _do(lambda: commands.remove(settings.load(), name, force))
+    _do(lambda: commands.remove(settings.load(), name, state.image_uses, force))
 
 
 @app.command("chroot-export", short_help="Write an image to one tarball.")
@@ -310,7 +309,7 @@ def chroot_import(
     from nspawn_runner.images import commands
 
     def act() -> None:
-        state.cancel_on_signals()
-        commands.import_(settings.load(), name, source)
+        cancel_on_signals()
+        commands.import_(settings.load(), name, source, state.image_uses)
 
     _do(act)

@@ -11,15 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nspawn_runner import log
+from nspawn_runner import layout, log
 from nspawn_runner.errors import SystemFailure
 from nspawn_runner.host import limits
 
-DEFAULT_CONFIG = Path("/etc/nspawn-runner/config.toml")
-DEFAULT_ROOT = Path("/var/lib/nspawn-runner")
-DEFAULT_IMAGES_CONFIG_DIR = Path("/etc/nspawn-runner/images")
 BACKENDS = ("auto", "btrfs", "overlay", "volatile")
-SHELLS = ("bash", "sh")
 
 
 class SettingsError(SystemFailure):
@@ -28,7 +24,7 @@ class SettingsError(SystemFailure):
 
 @dataclass(frozen=True)
 class Settings:
-    root: Path = DEFAULT_ROOT
+    root: Path = layout.DEFAULT_ROOT
     default_image: str = ""
     allowed_images: tuple[str, ...] = ()
     backend: str = "auto"
@@ -39,7 +35,7 @@ class Settings:
     shell: str = "bash"
     gitlab_runner: str = ""
     secret_variables: tuple[str, ...] = ()
-    images_config_dir: Path = DEFAULT_IMAGES_CONFIG_DIR
+    images_config_dir: Path = layout.DEFAULT_IMAGES_CONFIG_DIR
     package_cache: str = ""
     cpu_weight: int = 0
     cpu_quota: str = ""
@@ -58,11 +54,11 @@ class Settings:
 
     @property
     def images_dir(self) -> Path:
-        return self.root / "images"
+        return layout.images_dir(self.root)
 
     @property
     def package_cache_dir(self) -> Path:
-        return Path(self.package_cache) if self.package_cache else self.root / "package-cache"
+        return Path(self.package_cache) if self.package_cache else layout.package_cache(self.root)
 
     def limits(self, **overrides: object) -> limits.Limits:
         """The limits for a job; `overrides` come from the image's file."""
@@ -206,7 +202,7 @@ SETTINGS: tuple[Row, ...] = (
     Row("builds_dir", _inner_path, "builds_dir reported to gitlab-runner (inside the machine)."),
     Row("cache_dir", _inner_path,
         "cache_dir reported to gitlab-runner; bound from <root>/cache so caches outlive jobs."),
-    Row("shell", _choice(*SHELLS), "Shell that runs job scripts inside the machine."),
+    Row("shell", _choice(*layout.SHELLS), "Shell that runs job scripts inside the machine."),
     Row("gitlab_runner", _str,
         "Host path of the gitlab-runner binary bound into machines; empty: search PATH."),
     Row("secret_variables", _str_list,
@@ -261,7 +257,7 @@ def reference_markdown() -> str:
 
 
 def config_path() -> Path:
-    return Path(os.environ.get("NSPAWN_RUNNER_CONFIG", DEFAULT_CONFIG))
+    return Path(os.environ.get("NSPAWN_RUNNER_CONFIG", layout.DEFAULT_CONFIG))
 
 
 def _read(path: Path) -> dict[str, object]:

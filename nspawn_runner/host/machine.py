@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nspawn_runner import log, proc
+from nspawn_runner import layout, log, proc
 from nspawn_runner.errors import CommandError, SystemFailure
-from nspawn_runner.executor import state
-from nspawn_runner.host import backends, machined
+from nspawn_runner.host import backends, fs, machined
 from nspawn_runner.host.backends import Backend
-
-GITLAB_RUNNER_INSIDE = "/usr/local/bin/gitlab-runner"
 
 
 @dataclass(frozen=True)
@@ -39,7 +35,7 @@ class BootSpec:
     @property
     def overlay(self) -> Path | None:
         if self.backend is Backend.OVERLAY:
-            return backends.overlay_dir(self.root, self.machine)
+            return layout.overlay_dir(self.root, self.machine)
         return None
 
 
@@ -147,6 +143,5 @@ def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int) -
     proc.run(["systemctl", "reset-failed", unit], check=False)
     machined.wait_gone(machine, timeout=10)
     if overlay is not None and overlay.exists():
-        shutil.rmtree(overlay)
-    state.remove(machine)
+        fs.remove_tree(overlay)
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from nspawn_runner import log, proc
 from nspawn_runner.errors import Cancelled, NspawnRunnerError, SystemFailure
-from nspawn_runner.host import backends
+from nspawn_runner.host import backends, fs
 from nspawn_runner.images import build, names, store
 from nspawn_runner.images import spec as image_file
 from nspawn_runner.images.spec import ImageSpec
+from nspawn_runner.images.store import InUse
 from nspawn_runner.progress import Step, run_tool, wait
 from nspawn_runner.settings import Settings
 
@@ -41,15 +42,15 @@ def _aside(path: Path) -> Iterator[Path]:
         yield path
     except BaseException:
         try:
-            store.remove_tree(path)
+            fs.remove_tree(path)
         except Exception as e:  # keep the original error; prune_old_versions retries later
             log.warn(f"could not remove {path}: {e}")
         raise
 
 
-def _swap(settings: Settings, name: str, new: Path) -> None:
+def _swap(settings: Settings, name: str, new: Path, in_use: InUse) -> None:
     old = store.swap_in(settings, name, new)
-    store.prune_old_versions(settings)
+    store.prune_old_versions(settings, in_use())
     if old is not None and os.path.lexists(old):
         log.info(f"the previous version of {name!r} stays in {old} until its jobs end")
 
@@ -79,13 +80,13 @@ def _reprovision(settings: Settings, spec: ImageSpec) -> Path:
     return new
 
 
-def create(settings: Settings, name: str, overrides: Mapping[str, object] | None = None,
-           save: bool = False) -> None:
+def create(settings: Settings, name: str, in_use: InUse,
+           overrides: Mapping[str, object] | None = None, save: bool = False) -> None:
     """Build image `name` from its file (with `overrides`) and put it in place."""
     start = time.monotonic()
     spec = _spec(settings, name, overrides)
     with store.lock(settings, name, f"chroot-create {name}"):
-        _swap(settings, name, _build(settings, spec))
+        _swap(settings, name, _build(settings, spec), in_use)
     path = image_file.path_of(settings, name)
     if overrides and (save or not path.exists()):
         image_file.save(path, overrides)
@@ -101,42 +102,42 @@ class Outcome:
     seconds: float = 0.0
 
 
-def _maintain_one(settings: Settings, name: str) -> str:
+def _maintain_one(settings: Settings, name: str, in_use: InUse) -> str:
     spec = _spec(settings, name)
     with store.lock(settings, name, f"chroot-maintenance {name}"):
         path = store.image_path(settings, name)
         if not path.is_dir():
-            _swap(settings, name, _build(settings, spec))
+            _swap(settings, name, _build(settings, spec), in_use)
             return "created"
         meta = store.read_meta(path)
         created = meta.get("created")
         if spec.recreate_after and (not isinstance(created, int | float)
                                     or time.time() - created > spec.recreate_after):
-            _swap(settings, name, _build(settings, spec))
+            _swap(settings, name, _build(settings, spec), in_use)
             return f"recreated (older than {_duration(spec.recreate_after)})"
         if meta.get("recipe") not in (None, spec.recipe()):
-            _swap(settings, name, _build(settings, spec))
+            _swap(settings, name, _build(settings, spec), in_use)
             return "recreated (file changed)"
         if not spec.provisioned:
             return "up to date (nothing to run)"
-        _swap(settings, name, _reprovision(settings, spec))
+        _swap(settings, name, _reprovision(settings, spec), in_use)
         return "provisioned"
 
 
-def maintenance(settings: Settings, names: Sequence[str]) -> list[Outcome]:
+def maintenance(settings: Settings, names: Sequence[str], in_use: InUse) -> list[Outcome]:
     """Bring every image with a file (or the named ones) up to date. One failing image does
     not stop the others; the summary says which failed."""
     todo = list(names) or image_file.names(settings)
     if not todo:
         log.info(f"no image files in {settings.images_config_dir}: nothing to maintain")
-    store.prune_old_versions(settings)
+    store.prune_old_versions(settings, in_use())
     outcomes = []
     for name in todo:
         outcome = Outcome(name)
         start = time.monotonic()
         log.info(f"== {name}")
         try:
-            outcome.action = _maintain_one(settings, name)
+            outcome.action = _maintain_one(settings, name, in_use)
         except Cancelled:
             raise
         except NspawnRunnerError as e:
@@ -165,7 +166,7 @@ def check_outcomes(outcomes: Sequence[Outcome]) -> None:
                             f"{', '.join(failed)} (their previous versions are unchanged)")
 
 
-def login(settings: Settings, name: str, command: Sequence[str]) -> None:
+def login(settings: Settings, name: str, command: Sequence[str], in_use: InUse) -> None:
     """A root shell (or `command`) in a copy of image `name`; the copy replaces the image if
     it exits with status 0 and is discarded otherwise."""
     spec = image_file.load(settings, name)
@@ -185,23 +186,23 @@ def login(settings: Settings, name: str, command: Sequence[str]) -> None:
             build.finalize(name, copy, None)
             build.verify(spec, name, copy)
             store.write_meta(copy, maintained=time.time())
-        _swap(settings, name, copy)
+        _swap(settings, name, copy, in_use)
     log.info(f"chroot-login: image {name!r} updated")
 
 
-def remove(settings: Settings, name: str, force: bool = False) -> None:
+def remove(settings: Settings, name: str, in_use: InUse, force: bool = False) -> None:
     with store.lock(settings, name, f"chroot-remove {name}"):
         path = store.image_path(settings, name)
         if not path.is_dir():
             raise names.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
                                 "`nspawn-runner chroot-list` shows the images there are")
-        users = store.jobs_using(name)
+        users = [u.machine for u in in_use() if u.image == name]
         if users and not force:
             raise store.ImageBusy(
                 f"image {name!r} is used by {len(users)} running job(s) ({', '.join(users)}); "
                 "retry when they have ended, or use --force (they keep running on it)")
         os.rename(path, path.with_name(f"{store.OLD_PREFIX}{name}@{int(time.time())}-rm"))
-        store.prune_old_versions(settings)
+        store.prune_old_versions(settings, in_use())
     log.info(f"image {name!r} removed")
     if image_file.path_of(settings, name).exists():
         log.info(f"its file {image_file.path_of(settings, name)} remains: chroot-maintenance "
@@ -226,7 +227,7 @@ def export(settings: Settings, name: str, dest: Path) -> None:
             partial.unlink(missing_ok=True)
 
 
-def import_(settings: Settings, name: str, source: str) -> None:
+def import_(settings: Settings, name: str, source: str, in_use: InUse) -> None:
     """Image `name` from a tarball (path or URL): unpacked aside, checked to be complete and to
     run, and only then swapped in."""
     names.validate_name(name)
@@ -242,11 +243,11 @@ def import_(settings: Settings, name: str, source: str) -> None:
                 run_tool(build.nspawn_command(spec, name, new, ["/bin/true"]))
             build.finalize(name, new, None)
             store.write_meta(new, name=name, imported=time.time(), imported_from=source)
-        _swap(settings, name, new)
+        _swap(settings, name, new, in_use)
     log.info(f"image {name!r} imported in {time.monotonic() - start:.1f}s")
 
 
-def list_images(settings: Settings) -> list[dict[str, object]]:
+def list_images(settings: Settings, in_use: InUse) -> list[dict[str, object]]:
     on_disk = set(names.available(settings))
     backend = backends.choose(settings.backend, settings.root).value \
         if settings.images_dir.is_dir() else ""
@@ -256,7 +257,7 @@ def list_images(settings: Settings) -> list[dict[str, object]]:
             if entry.name.startswith(store.OLD_PREFIX):
                 owner = entry.name[len(store.OLD_PREFIX):].rpartition("@")[0]
                 old[owner] = old.get(owner, 0) + 1
-    uses = store.uses()
+    uses = in_use()
     rows: list[dict[str, object]] = []
     for name in sorted(on_disk | set(image_file.names(settings))):
         path = settings.images_dir / name
@@ -272,7 +273,7 @@ def list_images(settings: Settings) -> list[dict[str, object]]:
             "maintained": _iso(meta.get("maintained")),
             "imported": _iso(meta.get("imported")),
             "backend": backend if name in on_disk else None,
-            "subvolume": store.is_subvolume(path) if name in on_disk else None,
+            "subvolume": fs.is_subvolume(path) if name in on_disk else None,
             "jobs": [u.machine for u in uses if u.image == name],
             "old_versions": old.get(name, 0),
         })

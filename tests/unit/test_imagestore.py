@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from nspawn_runner import layout
 from nspawn_runner.cli import app
 from nspawn_runner.errors import Cancelled, SystemFailure
 from nspawn_runner.executor import state
+from nspawn_runner.host import fs
 from nspawn_runner.images import commands, store
 from nspawn_runner.settings import Settings
 
 
 @pytest.fixture
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setattr(state, "RUNTIME_DIR", tmp_path / "run")
+    monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path / "run")
     (tmp_path / "run").mkdir()
     return Settings(root=tmp_path / "root", images_config_dir=tmp_path / "images.d")
 
@@ -31,7 +33,7 @@ def version(cfg: Settings, name: str, content: str) -> Path:
 def job_on(cfg: Settings, machine: str, image: str, path: Path | None) -> None:
     data = {"machine": machine, "image": image, "schema": 1,
             "image_id": store.image_id(path) if path else ""}
-    (state.RUNTIME_DIR / f"{machine}.json").write_text(json.dumps(data))
+    (layout.RUNTIME_DIR / f"{machine}.json").write_text(json.dumps(data))
 
 
 def test_new_versions_are_hidden_until_swapped_in(cfg: Settings) -> None:
@@ -57,10 +59,10 @@ def test_old_versions_go_when_no_job_uses_them(cfg: Settings) -> None:
     old = store.swap_in(cfg, "tiny", version(cfg, "tiny", "2"))
     job_on(cfg, "nr-2-a", "tiny", cfg.images_dir / "tiny")  # the next job: new version
     assert old is not None
-    assert store.prune_old_versions(cfg) == [] and old.exists()
-    assert store.jobs_using("tiny") == ["nr-1-a", "nr-2-a"]
-    (state.RUNTIME_DIR / "nr-1-a.json").unlink()
-    assert store.prune_old_versions(cfg) == [old] and not old.exists()
+    assert store.prune_old_versions(cfg, state.image_uses()) == [] and old.exists()
+    assert [u.machine for u in state.image_uses() if u.image == "tiny"] == ["nr-1-a", "nr-2-a"]
+    (layout.RUNTIME_DIR / "nr-1-a.json").unlink()
+    assert store.prune_old_versions(cfg, state.image_uses()) == [old] and not old.exists()
     assert (cfg.images_dir / "tiny" / "version").read_text() == "2"
 
 
@@ -68,7 +70,8 @@ def test_state_without_image_id_keeps_every_old_version(cfg: Settings) -> None:
     store.swap_in(cfg, "tiny", version(cfg, "tiny", "1"))
     old = store.swap_in(cfg, "tiny", version(cfg, "tiny", "2"))
     job_on(cfg, "nr-1-a", "tiny", None)
-    assert store.prune_old_versions(cfg) == [] and old is not None and old.exists()
+    assert store.prune_old_versions(cfg, state.image_uses()) == []
+    assert old is not None and old.exists()
 
 
 def test_leftovers_of_interrupted_operations(cfg: Settings) -> None:
@@ -78,9 +81,9 @@ def test_leftovers_of_interrupted_operations(cfg: Settings) -> None:
         with (pytest.raises(store.ImageBusy, match="chroot-create busy .pid"),
               store.lock(cfg, "busy", "chroot-login busy")):
             pass
-        assert store.prune_old_versions(cfg) == [stale]
+        assert store.prune_old_versions(cfg, state.image_uses()) == [stale]
         assert busy.exists()
-    assert store.prune_old_versions(cfg) == [busy]
+    assert store.prune_old_versions(cfg, state.image_uses()) == [busy]
 
 
 def test_remove_tree_does_not_follow_links(cfg: Settings, tmp_path: Path) -> None:
@@ -89,7 +92,7 @@ def test_remove_tree_does_not_follow_links(cfg: Settings, tmp_path: Path) -> Non
     (outside / "keep").touch()
     tree = version(cfg, "x", "1")
     (tree / "link").symlink_to(outside)
-    store.remove_tree(tree)
+    fs.remove_tree(tree)
     assert not tree.exists() and (outside / "keep").exists()
 
 
@@ -107,7 +110,7 @@ def test_meta(tmp_path: Path) -> None:
 
 def test_maintenance_goes_on_after_a_failure(cfg: Settings,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    def one(settings: Settings, name: str) -> str:
+    def one(settings: Settings, name: str, in_use: object) -> str:
         if name == "bad":
             raise SystemFailure("setup command 'exit 3' failed with status 3\nmore")
         if name == "bug":
@@ -115,7 +118,7 @@ def test_maintenance_goes_on_after_a_failure(cfg: Settings,
         return "provisioned"
 
     monkeypatch.setattr(commands, "_maintain_one", one)
-    outcomes = commands.maintenance(cfg, ["bad", "bug", "good"])
+    outcomes = commands.maintenance(cfg, ["bad", "bug", "good"], state.image_uses)
     assert [(o.name, o.action, bool(o.error)) for o in outcomes] == [
         ("bad", "", True), ("bug", "", True), ("good", "provisioned", False)]
     report = commands.maintenance_report(outcomes).splitlines()
@@ -128,12 +131,12 @@ def test_maintenance_goes_on_after_a_failure(cfg: Settings,
 
 def test_maintenance_stops_when_cancelled(cfg: Settings,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    def one(settings: Settings, name: str) -> str:
+    def one(settings: Settings, name: str, in_use: object) -> str:
         raise Cancelled("SIGTERM")
 
     monkeypatch.setattr(commands, "_maintain_one", one)
     with pytest.raises(Cancelled):
-        commands.maintenance(cfg, ["a", "b"])
+        commands.maintenance(cfg, ["a", "b"], state.image_uses)
 
 
 def test_list(cfg: Settings) -> None:
@@ -143,7 +146,7 @@ def test_list(cfg: Settings) -> None:
     store.swap_in(cfg, "tiny", version(cfg, "tiny", "2"))
     cfg.images_config_dir.mkdir()
     (cfg.images_config_dir / "planned.toml").write_text('suite = "sid"\n')
-    rows = {r["name"]: r for r in commands.list_images(cfg)}
+    rows = {r["name"]: r for r in commands.list_images(cfg, state.image_uses)}
     assert rows["tiny"]["jobs"] == ["nr-1-a"] and rows["tiny"]["old_versions"] == 1
     assert rows["tiny"]["exists"] and rows["tiny"]["file"] is None
     assert rows["planned"]["exists"] is False and rows["planned"]["size"] is None
@@ -156,8 +159,8 @@ def test_remove_refuses_while_jobs_use_the_image(cfg: Settings) -> None:
     store.swap_in(cfg, "tiny", version(cfg, "tiny", "1"))
     job_on(cfg, "nr-1-a", "tiny", cfg.images_dir / "tiny")
     with pytest.raises(store.ImageBusy, match="used by 1 running job.*--force"):
-        commands.remove(cfg, "tiny")
-    commands.remove(cfg, "tiny", force=True)
+        commands.remove(cfg, "tiny", state.image_uses)
+    commands.remove(cfg, "tiny", state.image_uses, force=True)
     assert not (cfg.images_dir / "tiny").exists()
     assert [p.name[:10] for p in cfg.images_dir.glob(".old-*")] == [".old-tiny@"], "in use"
 
@@ -189,7 +192,7 @@ def test_cli_errors_are_system_failures(tmp_path: Path, cfg: Settings,
 def test_cli_maintenance_prints_the_summary_and_fails(tmp_path: Path, cfg: Settings,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NSPAWN_RUNNER_CONFIG", str(write_config(tmp_path)))
-    def one(settings: Settings, name: str) -> str:
+    def one(settings: Settings, name: str, in_use: object) -> str:
         if name == "b":
             raise SystemFailure("broken")
         return "created"
