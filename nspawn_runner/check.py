@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nspawn_runner import layout, settings
+from nspawn_runner import layout, settings, table
 from nspawn_runner.errors import CommandError, SystemFailure
 from nspawn_runner.executor import identity
 from nspawn_runner.host import backends, fs
@@ -62,13 +62,12 @@ class Report:
         return [c for c in self.checks if c.status is Status.WARN]
 
     def render(self) -> str:
-        width = max([len("CHECK"), *(len(c.name) for c in self.checks)])
-        lines = [f"{'CHECK':<{width}}  STATUS  DETAIL"]
+        rows = [("CHECK", "STATUS", "DETAIL")]
         for c in self.checks:
-            lines.append(f"{c.name:<{width}}  {c.status.value:<6}  {_one_line(c.detail)}")
+            rows.append((c.name, c.status.value, _one_line(c.detail)))
             if c.fix:
-                lines.append(f"{'':<{width}}  {'':<6}  fix: {_one_line(c.fix)}")
-        return "\n".join(lines) + "\n\n" + self.summary() + "\n"
+                rows.append(("", "", f"fix: {_one_line(c.fix)}"))
+        return table.render(rows) + "\n" + self.summary() + "\n"
 
     def summary(self) -> str:
         warned = f", {len(self.warnings)} warning{'s' * (len(self.warnings) != 1)}"

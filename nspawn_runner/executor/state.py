@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from nspawn_runner import layout
 from nspawn_runner.errors import SystemFailure
-from nspawn_runner.images.store import Use
+
+if TYPE_CHECKING:
+    from nspawn_runner.images.store import Use
 
 SCHEMA = 1
 
@@ -120,6 +122,8 @@ def owner_alive(identity: str) -> bool:
 def image_uses() -> list[Use]:
     """The image version each prepared machine booted, from the state files (for the image
     commands and gc: an old version is removed only when no machine uses it)."""
+    from nspawn_runner.images.store import Use  # not at the top: `run` never needs it
+
     found = []
     try:
         paths = sorted(layout.RUNTIME_DIR.glob("*.json"))

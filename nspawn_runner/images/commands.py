@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from nspawn_runner import log, proc
+from nspawn_runner import log, proc, table
 from nspawn_runner.errors import Cancelled, NspawnRunnerError, SystemFailure
 from nspawn_runner.host import backends, fs
 from nspawn_runner.images import build, names, store
@@ -156,7 +156,7 @@ def maintenance_report(outcomes: Sequence[Outcome]) -> str:
     for o in outcomes:
         rows.append((o.name, "FAILED" if o.error else o.action, f"{o.seconds:.1f}s",
                      _first_line(o.error)))
-    return _table(rows)
+    return table.render(rows)
 
 
 def check_outcomes(outcomes: Sequence[Outcome]) -> None:
@@ -281,12 +281,12 @@ def list_images(settings: Settings, in_use: InUse) -> list[dict[str, object]]:
 
 
 def list_report(rows: Sequence[Mapping[str, object]]) -> str:
-    table = [("NAME", "SIZE", "CREATED", "MAINTAINED", "BACKEND", "JOBS")]
+    lines = [("NAME", "SIZE", "CREATED", "MAINTAINED", "BACKEND", "JOBS")]
     for r in rows:
         jobs = r["jobs"]
         assert isinstance(jobs, list)
         old = int(str(r["old_versions"]))
-        table.append((
+        lines.append((
             str(r["name"]),
             _size(r["size"]) if r["exists"] else "(missing)",
             _short_time(r["created"] or r["imported"]),
@@ -294,7 +294,7 @@ def list_report(rows: Sequence[Mapping[str, object]]) -> str:
             str(r["backend"] or "-"),
             str(len(jobs)) + (f" (+{old} old version{'s' if old > 1 else ''})" if old else ""),
         ))
-    return _table(table)
+    return table.render(lines)
 
 
 def _duration(seconds: int) -> str:
@@ -328,8 +328,3 @@ def _size(value: object) -> str:
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows) + "\n"
