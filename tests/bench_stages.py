@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -23,11 +24,23 @@ from pathlib import Path
 IMAGE = "bookworm"
 
 
-def timed(cmd: list[str], env: dict[str, str], stdin: Path | None = None) -> float:
+Sample = tuple[float, float]  # wall seconds, CPU seconds of the command's own processes
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str], env: dict[str, str], stdin: Path | None = None) -> Sample:
+    """Wall time, and the CPU time of the command and its children: wall time is noisy on a
+    shared machine, CPU time is what the driver's own code costs (systemd's work for it, in
+    PID 1, machined and the guest, is not in it)."""
     with open(stdin or os.devnull, "rb") as f:
+        cpu = _children_cpu()
         start = time.perf_counter()
         subprocess.run(cmd, stdin=f, env=env, stdout=subprocess.DEVNULL, check=True)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, _children_cpu() - cpu
 
 
 def registered(machine: str) -> bool:
@@ -52,7 +65,7 @@ def wait_quiet(prefix: str, timeout: float = 60) -> None:
 
 
 def shell_round(root: Path, n: int, runs: int, script: Path, env: dict[str, str],
-                times: dict[str, list[float]]) -> None:
+                times: dict[str, list[Sample]]) -> None:
     """The shell driver of the issue: systemd-run + nspawn -x, systemd-run --machine, machinectl
     terminate and wait until it is gone."""
     machine = f"shell-{os.getpid()}-{n}"
@@ -68,15 +81,15 @@ def shell_round(root: Path, n: int, runs: int, script: Path, env: dict[str, str]
         times["shell run"].append(timed(
             ["systemd-run", "--quiet", f"--machine={machine}", "--pipe", "--wait", "/bin/bash"],
             env, script))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     subprocess.run(["machinectl", "terminate", machine], check=True)
     while registered(machine):
         time.sleep(0.01)
-    times["shell cleanup"].append(time.perf_counter() - start)
+    times["shell cleanup"].append((time.perf_counter() - start, _children_cpu() - cpu))
 
 
 def driver_round(exe: str, label: str, job_id: int, runs: int, script: Path,
-                 env: dict[str, str], tmp: Path, times: dict[str, list[float]]) -> None:
+                 env: dict[str, str], tmp: Path, times: dict[str, list[Sample]]) -> None:
     (tmp / "response.json").write_text(json.dumps({"id": job_id, "variables": []}))
     times[f"{label}config"].append(timed([exe, "config"], env))
     times[f"{label}prepare"].append(timed([exe, "prepare"], env))
@@ -111,10 +124,10 @@ def main() -> int:
              ("config", "prepare", "run", "cleanup")]
     if not args.no_shell:
         names += ["shell prepare", "shell run", "shell cleanup"]
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[Sample]] = {name: [] for name in names}
     # Round 0 is the warm-up: page cache, pool filled, first-boot costs.
     for n in range(args.rounds + 1):
-        sample: dict[str, list[float]] = {name: [] for name in names}
+        sample: dict[str, list[Sample]] = {name: [] for name in names}
         for k, (label, exe) in enumerate(drivers.items()):
             job_id = 900000000 + os.getpid() * 1000 + n * 10 + k
             driver_round(exe, labels[label], job_id, args.runs, script, env, tmp, sample)
@@ -134,10 +147,14 @@ def main() -> int:
                 times[name] += values
     if args.pool_size:
         subprocess.run(["nspawn-runner", "pool", "drain"], env=env, check=True)
-    print(f"{args.rounds} rounds after a warm-up, root {args.root}, medians:")
+    print(f"{args.rounds} rounds after a warm-up, root {args.root}, medians (ms):")
+    print(f"  {'':<16} {'wall':>7} {'cpu':>7}  {'n':>3} {'min wall':>9} {'max wall':>9}")
     for name, values in times.items():
-        print(f"  {name:<14} {statistics.median(values) * 1000:7.1f} ms  (n={len(values)}, "
-              f"min {min(values) * 1000:.1f}, max {max(values) * 1000:.1f})")
+        wall = [w for w, _ in values]
+        cpu = [c for _, c in values]
+        print(f"  {name:<16} {statistics.median(wall) * 1000:7.1f} "
+              f"{statistics.median(cpu) * 1000:7.1f}  {len(values):>3} "
+              f"{min(wall) * 1000:9.1f} {max(wall) * 1000:9.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(times))
     return 0
