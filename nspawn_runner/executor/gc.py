@@ -60,7 +60,8 @@ def collect(cfg: Settings, grace: float) -> list[str]:
         if st is None or state.owner_alive(st.owner) or _age(state.path(name), now) < grace:
             continue
         overlay = Path(st.overlay) if st.overlay else None
-        machine.teardown(name, st.unit, overlay, cfg.stop_timeout)
+        # st.machine: a pool machine keeps its own name when it serves a job.
+        machine.teardown(st.machine, st.unit, overlay, cfg.stop_timeout)
         state.remove(name)
         removed.append(f"machine {name} (image {st.image}): its gitlab-runner process is gone")
 

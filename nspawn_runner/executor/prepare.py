@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nspawn_runner import layout, log, settings
 from nspawn_runner.errors import SystemFailure
-from nspawn_runner.executor import identity, state
+from nspawn_runner.executor import identity, reap, state
 from nspawn_runner.host import backends, limits, machine
 from nspawn_runner.images import names
 from nspawn_runner.settings import Settings
@@ -100,7 +100,8 @@ def boot_spec(cfg: Settings, this: identity.Job,
         ),
         binds_ro=tuple(binds_ro),
         description=f"nspawn-runner job {this.job_id} on image {name}",
-        properties=tuple(lim.unit_properties()),
+        # Removal of what the machine leaves, whoever stops it (executor/reap.py).
+        properties=(*lim.unit_properties(), *reap.unit_properties(this.machine)),
         idmap=lim.private_users,
         nspawn_options=tuple(lim.nspawn_args()),
     ), lim
@@ -114,6 +115,7 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
     machine.teardown(this.machine, this.unit, layout.overlay_dir(cfg.root, this.machine),
                      cfg.stop_timeout)
     state.remove(this.machine)
+    reap.wait_for_space(cfg.root, cfg.stop_timeout)
     log.info(f"nspawn-runner: booting machine {this.machine} from image {spec.image!r} "
              f"({spec.backend} backend)")
     start = time.monotonic()

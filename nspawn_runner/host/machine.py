@@ -147,3 +147,15 @@ def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int) -
     if overlay is not None and overlay.exists():
         fs.remove_tree(overlay)
 
+
+
+def request_stop(unit: str) -> bool:
+    """Ask systemd to stop `unit` and return at once (`--no-block`): the stop job runs on in
+    PID 1 whatever happens to us, with the unit's ExecStopPost= at its end. False if there is
+    no such unit."""
+    result = proc.run(["systemctl", "stop", "--no-block", unit], check=False, timeout=30)
+    # 5: unit not loaded, i.e. already gone.
+    if result.returncode not in (0, 5):
+        raise CommandError(["systemctl", "stop", "--no-block", unit], result.returncode,
+                           result.stderr)
+    return result.returncode == 0
