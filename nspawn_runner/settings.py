@@ -48,6 +48,8 @@ class Settings:
     binds: tuple[str, ...] = ()
     nspawn_options: tuple[str, ...] = ()
     persistent_builds: bool = False
+    suppress_sync: bool = False
+    boot_mask: tuple[str, ...] = limits.BOOT_MASK
     # Where each value came from ("default", a file path, an environment variable).
     origins: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -171,6 +173,13 @@ SETTINGS: tuple[Row, ...] = (
     Row("persistent_builds", schema.boolean,
         "Keep builds_dir on the host per project and concurrent slot "
         "(<root>/builds/...), so GIT_STRATEGY=fetch reuses clones between jobs."),
+    Row("suppress_sync", schema.boolean,
+        "systemd-nspawn --suppress-sync=yes: fsync() and sync() do nothing in the machine "
+        "(much faster package installs), but open() with O_SYNC or O_DSYNC fails, and what a "
+        "job writes to its cache may be lost if the host crashes."),
+    Row("boot_mask", _each(limits.parse_unit),
+        "Units masked when a machine boots (units a CI job never needs; faster boot). "
+        "The default list is in docs/performance-driver.md; [] masks none."),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.name != "origins"}
 

@@ -104,6 +104,7 @@ def boot_spec(cfg: Settings, this: identity.Job,
         properties=(*lim.unit_properties(), *reap.unit_properties(this.machine)),
         idmap=lim.private_users,
         nspawn_options=tuple(lim.nspawn_args()),
+        init_args=tuple(lim.init_args()),
     ), lim
 
 

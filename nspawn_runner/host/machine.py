@@ -31,6 +31,8 @@ class BootSpec:
     # files are root's inside.
     idmap: bool = False
     personality: str = ""  # e.g. x86 for an i386 image on x86-64, so uname -m says i686
+    # For the guest's init (systemd.mask=...): always the last words of the command line.
+    init_args: tuple[str, ...] = ()
 
     @property
     def overlay(self) -> Path | None:
@@ -73,6 +75,8 @@ def boot_command(spec: BootSpec) -> list[str]:
         *[f"--bind-ro={backends.escape(h)}:{backends.escape(i)}{opts}"
           for h, i in spec.binds_ro],
         *spec.nspawn_options,
+        # After every option: nspawn passes the first non-option and what follows to init.
+        *spec.init_args,
     ]
 
 
