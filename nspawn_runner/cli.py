@@ -218,6 +218,7 @@ def chroot_create(
                                         suite=suite, mirror=mirror, architecture=architecture,
                                         variant=variant)
         commands.create(cfg, name, state.image_uses, overrides, save)
+        _recycle_pools(cfg)
 
     _do(act)
 
@@ -235,7 +236,9 @@ def chroot_login(
 
     def act() -> None:
         cancel_on_signals()
-        commands.login(settings.load(), name, command or [], state.image_uses)
+        cfg = settings.load()
+        commands.login(cfg, name, command or [], state.image_uses)
+        _recycle_pools(cfg)
 
     _do(act)
 
@@ -251,8 +254,10 @@ def chroot_maintenance(
 
     def act() -> None:
         cancel_on_signals()
-        outcomes = commands.maintenance(settings.load(), names or [], state.image_uses)
+        cfg = settings.load()
+        outcomes = commands.maintenance(cfg, names or [], state.image_uses)
         print(commands.maintenance_report(outcomes), end="")
+        _recycle_pools(cfg)
         commands.check_outcomes(outcomes)
 
     _do(act)
@@ -310,6 +315,83 @@ def chroot_import(
 
     def act() -> None:
         cancel_on_signals()
-        commands.import_(settings.load(), name, source, state.image_uses)
+        cfg = settings.load()
+        commands.import_(cfg, name, source, state.image_uses)
+        _recycle_pools(cfg)
+
+    _do(act)
+
+
+def _pool_spec_of(cfg: settings.Settings) -> Any:
+    from nspawn_runner.executor import pool, prepare
+
+    return lambda image: prepare.boot_spec(cfg, pool.template_job(image))
+
+
+def _recycle_pools(cfg: settings.Settings) -> None:
+    """A new version of an image is in place: its pool machines of the old one go, and new
+    ones boot for the runner they were kept for."""
+    from nspawn_runner.executor import pool
+
+    pool.recycle(cfg, _pool_spec_of(cfg))
+
+
+# The warm pool (docs/performance-driver.md): machines booted ahead of their jobs.
+pool_app = typer.Typer(help="The warm pool: machines booted ahead of their jobs (pool_size).",
+                       no_args_is_help=True)
+app.add_typer(pool_app, name="pool", short_help="Fill, list or drain the warm pool.")
+
+
+@pool_app.command("fill", short_help="Boot what the pools lack.")
+def pool_fill(
+    runner_unit: Annotated[str, typer.Option(
+        "--runner-unit", metavar="UNIT",
+        help="Keep the pool for this unit's main process, e.g. gitlab-runner.service "
+             "[default: the gitlab-runner that called this command].")] = "",
+) -> None:
+    """Boot, in the background, the machines each image's pool lacks (pool_size)."""
+    from nspawn_runner.executor import pool, state
+    from nspawn_runner.images import names
+
+    def act() -> None:
+        cfg = settings.load()
+        owner = pool.runner_of_unit(runner_unit) if runner_unit else state.owner_identity()
+        booted = pool.fill(cfg, _pool_spec_of(cfg), owner, names.available(cfg))
+        print(f"pool: booting {len(booted)} machine(s)")
+
+    _do(act)
+
+
+@pool_app.command("list", short_help="List the pool machines.")
+def pool_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List pool machines: image, state (booting, ready, serving), age, runner alive."""
+    from nspawn_runner import table
+    from nspawn_runner.executor import pool
+
+    def act() -> None:
+        import json
+
+        rows = pool.listing()
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        lines = [("MACHINE", "IMAGE", "STATE", "AGE", "RUNNER", "VERSION")]
+        lines += [(str(r["machine"]), str(r["image"]), str(r["state"]), f"{r['age']}s",
+                   "alive" if r["runner_alive"] else "gone",
+                   "current" if r["current_version"] else "old") for r in rows]
+        print(table.render(lines), end="")
+
+    _do(act)
+
+
+@pool_app.command("drain", short_help="Stop every idle pool machine.")
+def pool_drain() -> None:
+    """Stop every pool machine that serves no job (they boot again with the next job)."""
+    from nspawn_runner.executor import pool
+
+    def act() -> None:
+        print(f"pool: stopped {len(pool.drain(settings.load()))} machine(s)")
 
     _do(act)

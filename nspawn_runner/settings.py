@@ -50,6 +50,7 @@ class Settings:
     persistent_builds: bool = False
     suppress_sync: bool = False
     boot_mask: tuple[str, ...] = limits.BOOT_MASK
+    pool_size: int = 0
     # Where each value came from ("default", a file path, an environment variable).
     origins: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -111,6 +112,12 @@ def _limit(base: schema.Parser, check: Callable[[Any], Any]) -> schema.Parser:
 def _each(check: Callable[[str], str]) -> schema.Parser:
     return schema.checked(schema.str_list, lambda items: tuple(check(v) for v in items),
                           (limits.LimitError,))
+
+
+def _pool_size(value: int) -> int:
+    if not 0 <= value <= 64:
+        raise limits.LimitError("expected 0 to 64 machines kept booted ahead")
+    return value
 
 
 def _non_negative(value: int) -> int:
@@ -180,6 +187,9 @@ SETTINGS: tuple[Row, ...] = (
     Row("boot_mask", _each(limits.parse_unit),
         "Units masked when a machine boots (units a CI job never needs; faster boot). "
         "The default list is in docs/performance-driver.md; [] masks none."),
+    Row("pool_size", _limit(schema.integer, _pool_size),
+        "Machines kept booted ahead per image (the warm pool), so prepare hands one out "
+        "instead of booting; an image file's pool_size overrides it. 0: no pool."),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.name != "origins"}
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from nspawn_runner import layout, log, proc
-from nspawn_runner.executor import identity, state
+from nspawn_runner.executor import identity, pool, state
 from nspawn_runner.host import fs, machine, machined
 from nspawn_runner.settings import Settings
 
@@ -73,10 +73,13 @@ def collect(cfg: Settings, grace: float) -> list[str]:
         state.remove(name)
         removed.append(f"machine {name}: unit {unit} without a job")
 
+    # Pool machines: their own rules (executor/pool.py), their layers too.
+    removed += pool.collect(cfg, grace)
     live = {u.removeprefix(identity.UNIT_PREFIX).removesuffix(".service") for u in _units()}
     overlays = layout.overlays_dir(cfg.root)
     for path in sorted(overlays.iterdir()) if overlays.is_dir() else []:
-        if path.name in live or path.name in states or _age(path, now) < grace:
+        if (path.name in live or path.name in states or pool.is_pool_name(path.name)
+                or _age(path, now) < grace):
             continue
         fs.remove_tree(path)
         removed.append(f"overlay {path}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nspawn_runner import layout, log, settings
 from nspawn_runner.errors import SystemFailure
-from nspawn_runner.executor import identity, reap, state
+from nspawn_runner.executor import identity, pool, reap, state
 from nspawn_runner.host import backends, limits, machine
 from nspawn_runner.images import names
 from nspawn_runner.settings import Settings
@@ -115,11 +115,8 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
     # A crashed runner or a killed earlier attempt may have left this job's machine behind.
     machine.teardown(this.machine, this.unit, layout.overlay_dir(cfg.root, this.machine),
                      cfg.stop_timeout)
+    pool.release(this.machine, cfg.stop_timeout)
     state.remove(this.machine)
-    reap.wait_for_space(cfg.root, cfg.stop_timeout)
-    log.info(f"nspawn-runner: booting machine {this.machine} from image {spec.image!r} "
-             f"({spec.backend} backend)")
-    start = time.monotonic()
     image_stat = spec.image_path.stat()
     saved = state.MachineState(
         machine=this.machine, unit=this.unit, image=spec.image, backend=spec.backend.value,
@@ -127,16 +124,23 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
         shell=cfg.shell, secret_variables=cfg.secret_variables,
         image_path=str(spec.image_path), image_id=f"{image_stat.st_dev}:{image_stat.st_ino}",
         owner=state.owner_identity())
+    # The step status directory too: the job's shell writes its exit status there.
+    user_dirs = [cfg.builds_dir, f"{cfg.cache_dir}/{this.project_path}", layout.RESULTS_INSIDE]
+    pool_size = pool.size(cfg, spec.image, lim)
+    if pool_size and pool.take(cfg, spec, lim, saved, user_dirs):
+        pool.refill(cfg, spec, pool_size, saved.owner)
+        return
+    reap.wait_for_space(cfg.root, cfg.stop_timeout)
+    log.info(f"nspawn-runner: booting machine {this.machine} from image {spec.image!r} "
+             f"({spec.backend} backend)")
+    start = time.monotonic()
     # Written before the boot, so that `gc` knows whose machine this is even if we are killed
     # while it boots.
     state.write(saved)
     try:
         machine.boot(spec)
         if lim.user != "root":
-            # The step status directory too: the job's shell writes its exit status there.
-            home = machine.ensure_user(this.machine, lim.user,
-                                       [cfg.builds_dir, f"{cfg.cache_dir}/{this.project_path}",
-                                        layout.RESULTS_INSIDE])
+            home = machine.ensure_user(this.machine, lim.user, user_dirs)
             saved = saved._replace(user=lim.user, home=home)
             state.write(saved)
     except BaseException:
@@ -144,3 +148,6 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
         state.remove(this.machine)
         raise
     log.info(f"nspawn-runner: machine {this.machine} ready in {time.monotonic() - start:.1f}s")
+    if pool_size:
+        # After the job's own boot, which it would otherwise compete with for the CPU.
+        pool.refill(cfg, spec, pool_size, saved.owner)

@@ -29,11 +29,16 @@ _MACHINE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz
 _UNSAFE = frozenset(" \t\n\"'\\%$;")
 
 
+def unsafe(value: str) -> bool:
+    """Whether systemd would read more into `value` in an Exec*= line than the word it is."""
+    return bool(_UNSAFE & set(value))
+
+
 def unit_properties(machine: str) -> list[str]:
     """systemd-run options for the unit of `machine`: run the reaper when it stops."""
     python = sys.executable
     for value in (python, machine, os.environ.get("NSPAWN_RUNNER_RUNTIME_DIR", "")):
-        if _UNSAFE & set(value):
+        if unsafe(value):
             raise SystemFailure(f"{value!r} contains a character systemd would interpret in "
                                 "ExecStopPost=; install nspawn-runner under a plain path")
     # "-": a failed removal is logged in the unit's journal and left to gc; it must not turn
@@ -116,10 +121,9 @@ def _prune_if_old(root: Path, image: str, image_id: str) -> list[str]:
     from nspawn_runner.images import store
     from nspawn_runner.settings import Settings
 
-    images = layout.images_dir(root)
-    # One prune at a time: two reapers must not remove the same version at once. A name
-    # starting with "." is never an image (images/names.py).
-    fd = os.open(images / ".prune-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # One prune at a time: two reapers must not remove the same version at once (a lock on
+    # the images directory itself).
+    fd = os.open(layout.images_dir(root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return [str(p) for p in store.prune_old_versions(Settings(root=root),

@@ -44,14 +44,16 @@ def path(machine: str) -> Path:
     return layout.state_file(machine)
 
 
-def write(state: MachineState) -> None:
+def write(state: MachineState, job_machine: str | None = None) -> None:
+    """`job_machine`: the job's own machine name, when another machine serves the job (a pool
+    machine, executor/pool.py): the file is always named for the job."""
     import tempfile  # not needed by run, which only reads
 
     layout.RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=layout.RUNTIME_DIR, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(state._asdict(), f)
-    os.replace(tmp, path(state.machine))
+    os.replace(tmp, path(job_machine or state.machine))
 
 
 def read(machine: str) -> MachineState | None:

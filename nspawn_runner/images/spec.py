@@ -43,6 +43,7 @@ _COMPONENT = re.compile(r"^[a-z0-9][a-z0-9/-]*$")
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.:=~/-]*$")
 _MIRROR = re.compile(r"^(https?|file)://\S+$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*$")
+MAX_POOL = 64
 # The keys whose change means the image must be made anew (not only provisioned again).
 RECIPE_KEYS = ("bootstrap", "suite", "mirror", "architecture", "components", "variant",
                "packages", "bootstrap_options", "command", "import_from")
@@ -72,6 +73,7 @@ class ImageSpec:
     recreate_after: int = 0  # seconds; 0: never
     personality: str = ""  # systemd-nspawn --personality=, empty: none
     hostname: str = ""
+    pool_size: int | None = None  # machines booted ahead for this image; None: the settings'
     # Per-image overrides of the runner's limits (settings names and parsed values).
     limits: tuple[tuple[str, Any], ...] = ()
 
@@ -121,6 +123,12 @@ def _command(value: object) -> tuple[str, ...]:
     return argv
 
 
+def _pool_size(value: int) -> int:
+    if not 0 <= value <= MAX_POOL:
+        raise schema.BadValue(f"expected 0 to {MAX_POOL} machines kept booted ahead")
+    return value
+
+
 _PARSERS: dict[str, Callable[[object], Any]] = {
     "bootstrap": schema.string,
     "suite": schema.matching(_SUITE, "a suite or codename such as 'bookworm' or 'sid'"),
@@ -138,7 +146,9 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
     "recreate_after": parse_duration,
     "personality": schema.string,
     "hostname": schema.matching(_HOSTNAME, "a host name"),
+    "pool_size": schema.checked(schema.integer, _pool_size),
 }
+
 
 
 def _limit_rows() -> dict[str, Callable[[object], Any]]:

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ class Driver:
     backend: str
     root: Path
     settings: Path
+    # Settings every write_settings keeps (a pooled driver's pool_size).
+    base_settings: dict[str, object] = field(default_factory=dict)
 
     def config(self, default_image: str = "", verbose: bool = False,
                **overrides: object) -> RunnerConfig:
@@ -85,7 +87,7 @@ class Driver:
 
     def write_settings(self, **extra: object) -> None:
         values = {"root": str(self.root), "backend": ROOTS[self.backend][1],
-                  "gitlab_runner": str(FAKE_GITLAB_RUNNER), **extra}
+                  "gitlab_runner": str(FAKE_GITLAB_RUNNER), **self.base_settings, **extra}
         self.settings.write_text(tomlkit.dumps(values))
 
     def make_image(self, name: str, init_script: str | None = None,
@@ -123,7 +125,7 @@ class Driver:
 def leftovers(root: Path) -> list[str]:
     found = []
     machines = [line for line in sh("machinectl", "list", "--no-legend").splitlines()
-                if line.startswith("nr-")]
+                if line.startswith(("nr-", "nrp-"))]
     found += [f"machine: {m}" for m in machines]
     units = sh("systemctl", "list-units", "--all", "--no-legend", "--plain",
                "nspawn-runner-*").splitlines()
@@ -138,7 +140,8 @@ def leftovers(root: Path) -> list[str]:
     if run_dir.exists():
         found += [f"state: {p}" for p in run_dir.iterdir()]
     mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-    found += [f"mount: {m}" for m in mounts if "/overlays/" in m or " /run/nspawn-runner" in m]
+    found += [f"mount: {m}" for m in mounts if "/overlays/" in m or " /run/nspawn-runner" in m
+              or "/propagate/nr-" in m or "/propagate/nrp-" in m]  # machinectl bind
     return found
 
 

@@ -312,6 +312,8 @@ def test_login_swaps_atomically(drivers: dict[str, Driver], files: Path) -> None
     assert login.returncode == 0, err
     after = run_ok(driver, "t-login", ['echo "after:$(cat /etc/nr-version)"'])
     assert "after:v2" in after
+    # The job's machine uses the image until it has stopped, a moment after cleanup returned.
+    assert not settled_leftovers(driver.root)
     nr(driver, "chroot-remove", "t-login")
 
 

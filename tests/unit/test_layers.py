@@ -147,8 +147,8 @@ STAGE_PATHS: dict[str, set[str]] = {
     "prepare": _STAGE_BASE | _SETTINGS | {
         "nspawn_runner.executor", "nspawn_runner.executor.prepare",
         "nspawn_runner.executor.identity", "nspawn_runner.executor.state",
-        "nspawn_runner.executor.reap", "nspawn_runner.host.machine",
-        "nspawn_runner.host.machined", "nspawn_runner.images",
+        "nspawn_runner.executor.reap", "nspawn_runner.executor.pool",
+        "nspawn_runner.host.machine", "nspawn_runner.host.machined", "nspawn_runner.images",
         "nspawn_runner.images.names", "nspawn_runner.images.spec"},
     "run": _STAGE_BASE | RUN_HOT_PATH,
     "cleanup": _STAGE_BASE | _SETTINGS | {

@@ -1,0 +1,485 @@
+"""The warm pool: machines booted ahead of their job, so that prepare hands one out instead of
+booting (`pool_size` in the settings or an image file; 0, the default, means no pool).
+
+machined cannot rename a machine, so a pool machine boots under a neutral name, `nrp-<random>`,
+in its own unit `nspawn-runner-nrp-<random>.service`, and the job's state file (named for the
+job's machine, as always) says which machine and unit serve the job: run and cleanup read the
+machine and unit from it. The other way, renaming, would need a new registration with machined,
+which only nspawn's start can make. Each pool machine serves one job and is then destroyed like
+any job's machine; its machine-id, boot and writable layer are its own and new.
+
+What a job's own machine would get at boot and a pool machine cannot know yet is done at hand-out:
+- the job's cache directory (and with persistent_builds its builds directory) is bound with
+  `machinectl bind --mkdir` (machined moves a bind mount into the running machine);
+- the host name is set to the job's machine name if the image has no /etc/hostname (nspawn
+  names the host after the machine, and the guest keeps that when the image names none);
+- `RuntimeMaxSec=` (max_job_duration) cannot be changed on a running unit (systemd 252:
+  "Cannot set property RuntimeMaxUSec"), so a timer unit, PartOf= the machine's unit, stops
+  the machine that long after the hand-out;
+- the build user is created and given its directories, as after a boot.
+A pool machine is handed out only to a job whose machine would be booted exactly the same way
+(image, version, backend, limits, isolation options, binds fixed at boot: `key`), and never
+when `private_users` is on (machined refuses binds into a user namespace).
+
+Files: `<runtime dir>/nrp-X.json` (the record: which image version, which key, whose runner),
+`nrp-X.ready` (made by the unit's ExecStartPost= once the guest is up; taking a machine is
+removing it, which only one prepare can do), `nrp-X.d` (the step-status directory). The
+unit's ExecStopPost= (executor/reap.py) removes them all."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from nspawn_runner import layout, log, proc
+from nspawn_runner.errors import SystemFailure
+from nspawn_runner.executor import identity, reap, state
+from nspawn_runner.host import machine
+from nspawn_runner.host.limits import Limits
+from nspawn_runner.settings import Settings
+
+PREFIX = "nrp-"
+SCHEMA = 1
+# Properties of a job's unit that a pool machine's unit gets otherwise, or not at all.
+_RUNTIME_MAX = "--property=RuntimeMaxSec="
+_PER_MACHINE = ("--property=ExecStopPost=", "--property=Environment=NSPAWN_RUNNER_RUNTIME_DIR=")
+
+
+class PoolMachine(NamedTuple):
+    machine: str
+    unit: str
+    image: str
+    image_path: str
+    image_id: str  # the image version it booted (st_dev:st_ino), as in a job's state
+    backend: str
+    root: str
+    overlay: str | None
+    key: str  # how it was booted: a job gets it only if its own machine would be the same
+    owner: str  # the gitlab-runner process it is kept for ("pid:starttime")
+    booted: float  # time.time() of its start
+    kind: str = "pool"
+    schema: int = SCHEMA
+
+
+def is_pool_name(name: str) -> bool:
+    rest = name.removeprefix(PREFIX)
+    return name.startswith(PREFIX) and len(rest) == 8 and set(rest) <= set("0123456789abcdef")
+
+
+def unit_of(name: str) -> str:
+    return f"{identity.UNIT_PREFIX}{name}.service"
+
+
+def deadline_unit(name: str) -> str:
+    return f"{identity.UNIT_PREFIX}deadline-{name}"
+
+
+def size(cfg: Settings, image: str, lim: Limits) -> int:
+    """How many machines of `image` to keep booted ahead: the image file's pool_size, else the
+    settings'. 0 when a pool cannot serve these jobs (private_users)."""
+    if lim.private_users:
+        return 0
+    from nspawn_runner.images import spec
+
+    image_spec = spec.load(cfg, image)
+    if image_spec is not None and image_spec.pool_size is not None:
+        return image_spec.pool_size
+    return cfg.pool_size
+
+
+def _pool_properties(spec: machine.BootSpec) -> list[str]:
+    return [p for p in spec.properties
+            if not p.startswith(_RUNTIME_MAX) and not p.startswith(_PER_MACHINE)]
+
+
+def key(spec: machine.BootSpec) -> str:
+    """What must be equal for a pool machine to serve a job: everything fixed at boot except
+    the names and the job's own binds (bound at hand-out)."""
+    fixed = [spec.image, str(spec.image_path), spec.backend.value, str(spec.root),
+             spec.boot_timeout, spec.stop_timeout,
+             [[str(host), inside] for host, inside in spec.binds_ro], _pool_properties(spec),
+             list(spec.nspawn_options), spec.idmap, spec.personality, list(spec.init_args)]
+    return hashlib.sha256(json.dumps(fixed).encode()).hexdigest()[:16]
+
+
+def _image_id(path: str | Path) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def records() -> list[PoolMachine]:
+    """Every pool machine's record, oldest first."""
+    found = []
+    for path in sorted(layout.RUNTIME_DIR.glob(f"{PREFIX}*.json")):
+        try:
+            data = json.loads(path.read_text())
+            found.append(PoolMachine(**data))
+        except (OSError, ValueError, TypeError):
+            continue  # being written or removed, or another version's: gc decides
+    return sorted(found, key=lambda r: r.booted)
+
+
+def _write(record: PoolMachine) -> None:
+    layout.RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = layout.RUNTIME_DIR / f".tmp-{record.machine}.json"
+    tmp.write_text(json.dumps(record._asdict()))
+    os.replace(tmp, layout.RUNTIME_DIR / f"{record.machine}.json")
+
+
+def _ready(name: str) -> Path:
+    return layout.RUNTIME_DIR / f"{name}.ready"
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """One refill or hand-out at a time: two prepares must not both boot the machine the pool
+    lacks, and a refill must not rewrite the record of a machine being handed out."""
+    layout.RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The directory itself: a lock file would be one more file there to account for.
+    fd = os.open(layout.RUNTIME_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def take(cfg: Settings, spec: machine.BootSpec, lim: Limits, saved: state.MachineState,
+         user_dirs: Sequence[str]) -> bool:
+    """Hand a ready pool machine to the job `saved` describes: write the job's state naming it
+    and give it what the job's own machine would have got at boot. False when there is none
+    (the caller boots one); a machine that fails its hand-out is destroyed."""
+    wanted, current = key(spec), _image_id(spec.image_path)
+    for record in records():
+        if record.key != wanted:
+            continue
+        if record.image_id != current:
+            # Booted before maintenance swapped the image: never handed out; replaced.
+            log.debug(f"pool machine {record.machine} runs an old version of {record.image}")
+            _discard(record.machine, record.unit)
+            continue
+        with _locked():
+            try:
+                _ready(record.machine).unlink()
+            except FileNotFoundError:
+                continue  # still booting, or another prepare took it
+            mine = saved._replace(machine=record.machine, unit=record.unit,
+                                  overlay=record.overlay, image_id=record.image_id)
+            state.write(mine, saved.machine)
+            # From now on the machine is the job's, as a booted one would be.
+            (layout.RUNTIME_DIR / f"{record.machine}.json").unlink(missing_ok=True)
+        try:
+            _hand_out(spec, lim, saved, mine, user_dirs)
+        except (SystemFailure, OSError) as e:
+            log.info(f"nspawn-runner: pool machine {record.machine} could not be handed out "
+                     f"({e}); booting one")
+            # The job's state first: the unit's reaper must not find it (it names the
+            # machine) after prepare has written the one for the machine it boots instead.
+            state.remove(saved.machine)
+            _discard(record.machine, record.unit)
+            return False
+        log.info(f"nspawn-runner: machine {record.machine} from the warm pool of image "
+                 f"{spec.image!r} ({spec.backend} backend), booted "
+                 f"{time.time() - record.booted:.0f}s ago")
+        return True
+    return False
+
+
+def _discard(name: str, unit: str) -> None:
+    """Stop a pool machine no job has used, without waiting. Not by systemctl stop alone: nspawn
+    asks the guest to power off with one SIGRTMIN+3, which a guest still in its first moments
+    of boot has no handler for yet and never sees (measured: the stop then waits for
+    TimeoutStopSec and kills nspawn, which leaves its btrfs snapshot behind). Killing the
+    guest's init ends the machine at once, nspawn then cleans up and exits, and the unit stops
+    with its ExecStopPost=; there is nothing in an unused machine to shut down cleanly."""
+    for _ in range(20):
+        killed = proc.run(["machinectl", "kill", "--kill-who=leader", "--signal=SIGKILL", name],
+                          check=False, timeout=30)
+        if killed.returncode == 0:
+            return
+        active = proc.run(["systemctl", "is-active", unit], capture=True, check=False,
+                          timeout=30).stdout.strip()
+        if active != "activating":
+            break  # gone already, or stopping
+        time.sleep(0.1)  # nspawn has not registered the machine yet
+    machine.request_stop(unit)
+
+
+def release(job_machine: str, stop_timeout: int) -> None:
+    """Stop the pool machine an earlier attempt of this job was handed, if any: only the job's
+    state file names it."""
+    try:
+        old = state.read(job_machine)
+    except SystemFailure:
+        return  # unreadable: prepare replaces it, gc removes what it named
+    if old is not None and old.machine != job_machine and is_pool_name(old.machine):
+        machine.teardown(old.machine, old.unit, Path(old.overlay) if old.overlay else None,
+                         stop_timeout)
+
+
+def _hand_out(spec: machine.BootSpec, lim: Limits, saved: state.MachineState,
+              mine: state.MachineState, user_dirs: Sequence[str]) -> None:
+    name = mine.machine
+    for host, inside in spec.binds:
+        if host == layout.results_dir(saved.machine):
+            continue  # the pool machine has its own, bound at boot
+        host.mkdir(parents=True, exist_ok=True)
+        proc.run(["machinectl", "bind", "--mkdir", name, host, inside], timeout=60)
+    hostname = spec.image_path / "etc" / "hostname"
+    try:
+        named = hostname.is_file() and bool(hostname.read_text().strip())
+    except OSError:
+        named = False
+    if not named:
+        leader = proc.run(["machinectl", "show", "--property=Leader", "--value", name],
+                          capture=True, timeout=30).stdout.strip()
+        proc.run(["nsenter", f"--target={leader}", "--uts", "hostname", saved.machine],
+                 timeout=30)
+    for prop in spec.properties:
+        if prop.startswith(_RUNTIME_MAX):
+            proc.run(["systemd-run", "--quiet", "--collect", f"--unit={deadline_unit(name)}",
+                      f"--on-active={prop.removeprefix(_RUNTIME_MAX)}",
+                      f"--timer-property=PartOf={mine.unit}",
+                      f"--description=nspawn-runner: max_job_duration of {saved.machine}",
+                      "--", "systemctl", "stop", "--no-block", mine.unit], timeout=30)
+    if lim.user != "root":
+        home = machine.ensure_user(name, lim.user, list(user_dirs))
+        state.write(mine._replace(user=lim.user, home=home), saved.machine)
+
+
+def _boot(spec: machine.BootSpec, owner: str) -> str:
+    """Start a pool machine like `spec`'s, without waiting for it (systemd-run --no-block:
+    the boot runs on in PID 1, not in this process)."""
+    name = PREFIX + os.urandom(4).hex()
+    unit = unit_of(name)
+    touch = shutil.which("touch") or "/usr/bin/touch"
+    ready = str(_ready(name))
+    for value in (touch, ready):
+        if reap.unsafe(value):
+            raise SystemFailure(f"{value!r} contains a character systemd would interpret; "
+                                "set NSPAWN_RUNNER_RUNTIME_DIR to a plain path")
+    pool_spec = dataclasses.replace(
+        spec, machine=name, unit=unit,
+        description=f"nspawn-runner pool machine for image {spec.image}",
+        binds=((layout.results_dir(name), layout.RESULTS_INSIDE),),
+        properties=(*_pool_properties(spec), *reap.unit_properties(name),
+                    # After READY=1: up, and may be handed out.
+                    f"--property=ExecStartPost={touch} {ready}"))
+    record = PoolMachine(
+        machine=name, unit=unit, image=spec.image, image_path=str(spec.image_path),
+        image_id=_image_id(spec.image_path), backend=spec.backend.value, root=str(spec.root),
+        overlay=str(pool_spec.overlay) if pool_spec.overlay else None, key=key(spec),
+        owner=owner, booted=time.time())
+    _write(record)  # before the boot: gc knows whose it is even if we are killed now
+    try:
+        if pool_spec.overlay:
+            (pool_spec.overlay / "upper").mkdir(parents=True)
+        layout.results_dir(name).mkdir(parents=True, exist_ok=True)
+        cmd = machine.boot_command(pool_spec)
+        cmd.insert(1, "--no-block")  # systemd-run --no-block: queue the start, do not wait
+        proc.run(cmd, timeout=60)
+    except BaseException:
+        reap.reap(name)
+        raise
+    log.debug(f"pool machine {name} for image {spec.image} booting")
+    return name
+
+
+def refill(cfg: Settings, spec: machine.BootSpec, wanted: int, owner: str) -> list[str]:
+    """Boot what the pool of `spec`'s kind lacks, in the background; stop what it has too
+    many of. Machines kept for a runner that is gone are taken over for `owner`. Never fails
+    the job: a pool that cannot be filled is a warning."""
+    booted = []
+    try:
+        with _locked():
+            same = [r for r in records() if r.key == key(spec)
+                    and r.image_id == _image_id(spec.image_path)]
+            for extra in same[wanted:]:
+                if _ready(extra.machine).exists():
+                    _discard(extra.machine, extra.unit)
+            for record in same[:wanted]:
+                if record.owner != owner and not state.owner_alive(record.owner):
+                    _write(record._replace(owner=owner))
+            for _ in range(wanted - len(same)):
+                booted.append(_boot(spec, owner))
+    except (SystemFailure, OSError) as e:
+        log.warn(f"could not refill the warm pool of image {spec.image!r}: {e}")
+    return booted
+
+
+def template_job(image: str) -> identity.Job:
+    """A job for `prepare.boot_spec` to make a pool machine's spec from, without a real job:
+    its names and project only go into the parts a pool machine gets at hand-out."""
+    return identity.Job(job_id="0", server="", runner_id="", project_path="pool",
+                        image_ref=image)
+
+
+SpecOf = Callable[[str], "tuple[machine.BootSpec, Limits]"]
+
+
+def fill(cfg: Settings, spec_of: SpecOf, owner: str, images: Sequence[str]) -> list[str]:
+    """Refill the pool of every image in `images` whose pool_size is not 0 (the pool service
+    after a boot, and after an image command replaced a version)."""
+    booted = []
+    for image in images:
+        try:
+            spec, lim = spec_of(image)
+        except SystemFailure as e:
+            log.warn(f"no warm pool for image {image!r}: {e}")
+            continue
+        wanted = size(cfg, spec.image, lim)
+        if wanted:
+            booted += refill(cfg, spec, wanted, owner)
+    return booted
+
+
+def recycle(cfg: Settings, spec_of: SpecOf) -> list[str]:
+    """After an image command: stop the pool machines that run a version their image no longer
+    has, and boot their replacements for the runner they were kept for. Returns the machines
+    booted."""
+    stale: dict[str, str] = {}
+    for record in records():
+        if record.image_id != _image_id(Path(record.root) / "images" / record.image):
+            _discard(record.machine, record.unit)
+            if state.owner_alive(record.owner):
+                stale.setdefault(record.image, record.owner)
+    booted = []
+    for image, owner in stale.items():
+        booted += fill(cfg, spec_of, owner, [image])
+    return booted
+
+
+def _units() -> dict[str, float]:
+    """Our pool units (also those stopping) and since when they are in their state."""
+    listed = proc.run(["systemctl", "list-units", "--all", "--plain", "--no-legend", "--full",
+                       f"{identity.UNIT_PREFIX}{PREFIX}*"], capture=True, check=False)
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+    if not names:
+        return {}
+    shown = proc.run(["systemctl", "show", "--timestamp=unix",
+                      "--property=Id,StateChangeTimestamp", *names], capture=True, check=False)
+    out: dict[str, float] = {}
+    unit = ""
+    for line in shown.stdout.splitlines():
+        name, _, value = line.partition("=")
+        if name == "Id":
+            unit = value
+        elif name == "StateChangeTimestamp" and unit:
+            out[unit] = float(value.lstrip("@") or 0)
+    return out
+
+
+def _serving() -> set[str]:
+    """Pool machines that serve a job now (a job's state file names them)."""
+    found = set()
+    for path in layout.RUNTIME_DIR.glob(f"{identity.MACHINE_PREFIX}*.json"):
+        try:
+            name = json.loads(path.read_text()).get("machine", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(name, str) and is_pool_name(name):
+            found.add(name)
+    return found
+
+
+def collect(cfg: Settings, grace: float) -> list[str]:
+    """gc: remove pool machines kept for a runner that is gone, of an old image version, or
+    left without record or unit; one line per thing removed. A pool machine serving a job is
+    the job's: gc's own rules for jobs apply to it."""
+    now = time.time()
+    removed = []
+    units = _units()
+    serving = _serving()
+    recorded = set()
+    for record in records():
+        recorded.add(record.machine)
+        if record.machine in serving:
+            continue
+        why = ""
+        if record.image_id != _image_id(Path(record.root) / "images" / record.image):
+            why = "it runs an old version of its image"
+        elif now - record.booted < grace:
+            continue
+        elif not state.owner_alive(record.owner):
+            why = "the gitlab-runner process it was kept for is gone"
+        elif record.unit not in units:
+            why = "its unit is gone"
+        if why:
+            overlay = Path(record.overlay) if record.overlay else None
+            _discard(record.machine, record.unit)
+            machine.teardown(record.machine, record.unit, overlay, cfg.stop_timeout)
+            reap.reap(record.machine)
+            removed.append(f"pool machine {record.machine} (image {record.image}): {why}")
+    for unit, since in units.items():
+        name = unit.removeprefix(identity.UNIT_PREFIX).removesuffix(".service")
+        if (is_pool_name(name) and name not in recorded and name not in serving
+                and now - since >= grace):
+            _discard(name, unit)
+            machine.teardown(name, unit, None, cfg.stop_timeout)
+            reap.reap(name, root=cfg.root)
+            removed.append(f"pool machine {name}: unit {unit} without a record")
+    # Files and layers of pool machines that have neither record nor unit any more.
+    left = {p.name.partition(".")[0]: p for p in layout.RUNTIME_DIR.glob(f"{PREFIX}*")}
+    overlays = layout.overlays_dir(cfg.root)
+    left |= {p.name: p for p in (overlays.iterdir() if overlays.is_dir() else [])}
+    for name, path in sorted(left.items()):
+        if (is_pool_name(name) and name not in recorded and name not in serving
+                and unit_of(name) not in units and now - path.lstat().st_mtime >= grace):
+            reap.reap(name, root=cfg.root)
+            removed.append(f"pool leftovers of {name}")
+    return removed
+
+
+def drain(cfg: Settings) -> list[str]:
+    """Stop every pool machine that serves no job (`nspawn-runner pool drain`), with or
+    without a record."""
+    serving = _serving()
+    idle: dict[str, PoolMachine | None] = {r.machine: r for r in records()
+                                           if r.machine not in serving}
+    for unit in _units():
+        name = unit.removeprefix(identity.UNIT_PREFIX).removesuffix(".service")
+        if is_pool_name(name) and name not in serving:
+            idle.setdefault(name, None)
+    stopped = []
+    for name, record in sorted(idle.items()):
+        overlay = Path(record.overlay) if record and record.overlay else None
+        _discard(name, unit_of(name))
+        machine.teardown(name, unit_of(name), overlay, cfg.stop_timeout)
+        reap.reap(name, root=cfg.root)
+        stopped.append(name)
+    return stopped
+
+
+def runner_of_unit(unit: str) -> str:
+    """The owner identity of the main process of `unit` (gitlab-runner.service for the pool
+    service, whose own parent is systemd)."""
+    pid = proc.run(["systemctl", "show", "--property=MainPID", "--value", unit], capture=True,
+                   check=False).stdout.strip()
+    if not pid.isdigit() or pid == "0":
+        raise SystemFailure(f"{unit} is not running, so a warm pool would be kept for no "
+                            f"runner; start it first (the example unit runs After= it)")
+    return state.owner_identity(int(pid))
+
+
+def listing() -> list[dict[str, object]]:
+    """`nspawn-runner pool list`."""
+    serving = _serving()
+    return [{"machine": r.machine, "image": r.image,
+             "state": "serving" if r.machine in serving else
+             "ready" if _ready(r.machine).exists() else "booting",
+             "age": round(time.time() - r.booted), "runner_alive": state.owner_alive(r.owner),
+             "current_version": r.image_id == _image_id(Path(r.root) / "images" / r.image)}
+            for r in records()]
+
