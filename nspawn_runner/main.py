@@ -16,10 +16,15 @@ _GLOBAL = ("-v", "--verbose", "--debug")
 
 
 def _config() -> None:
-    from nspawn_runner import settings
     from nspawn_runner.executor import config
 
-    print(config.config(settings.load()))
+    output = config.cached()
+    if output is None:
+        from nspawn_runner import settings
+
+        output = config.config(settings.load())
+        config.remember(output)
+    print(output)
 
 
 def _prepare(default_image: str) -> None:

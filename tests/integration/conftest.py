@@ -138,7 +138,8 @@ def leftovers(root: Path) -> list[str]:
     found += [f"snapshot: {p}" for p in (root / "images").glob(".#*") if p.suffix != ".lck"]
     run_dir = Path("/run/nspawn-runner")
     if run_dir.exists():
-        found += [f"state: {p}" for p in run_dir.iterdir()]
+        # The config stage's kept output (executor/config.py) is no job's.
+        found += [f"state: {p}" for p in run_dir.iterdir() if not p.name.startswith(".config-")]
     mounts = Path("/proc/self/mountinfo").read_text().splitlines()
     found += [f"mount: {m}" for m in mounts if "/overlays/" in m or " /run/nspawn-runner" in m
               or "/propagate/nr-" in m or "/propagate/nrp-" in m]  # machinectl bind

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,38 @@ def test_unknown_options_get_typers_message() -> None:
                           "prepare", "--bogus"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "No such option: --bogus" in out.stderr
+
+
+def test_config_output_is_kept_until_the_settings_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nspawn_runner import layout, settings
+    from nspawn_runner.executor import config
+
+    monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path / "run")
+    path = tmp_path / "config.toml"
+    monkeypatch.setenv("NSPAWN_RUNNER_CONFIG", str(path))
+    assert config._key()[1] and str(settings.config_path()) == str(path)
+    path.write_text('builds_dir = "/b1"\n')
+    assert config.cached() is None
+    config.remember(config.config(settings.load()))
+    assert '"builds_dir": "/b1"' in (config.cached() or "")
+    path.write_text('builds_dir = "/b2"\n')  # another size and change time
+    assert config.cached() is None
+    config.remember(config.config(settings.load()))
+    assert '"builds_dir": "/b2"' in (config.cached() or "")
+    monkeypatch.setenv("NSPAWN_RUNNER_ROOT", "/elsewhere")
+    assert config.cached() is None, "the environment is part of the key"
+    monkeypatch.delenv("NSPAWN_RUNNER_CONFIG")
+    assert str(settings.config_path()) == str(layout.DEFAULT_CONFIG)
+    assert "/etc/nspawn-runner/config.toml" in config._key()[1]
+
+
+def test_an_unwritable_runtime_dir_only_costs_the_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nspawn_runner import layout
+    from nspawn_runner.executor import config
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path / "file" / "run")
+    config.remember("{}")
+    assert config.cached() is None
