@@ -119,6 +119,11 @@ def _image_id(path: str | Path) -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
+def exists() -> bool:
+    """Whether any pool machine has a record (one glob: prepare asks on every job)."""
+    return any(layout.RUNTIME_DIR.glob(f"{PREFIX}*.json"))
+
+
 def records() -> list[PoolMachine]:
     """Every pool machine's record, oldest first."""
     found = []

@@ -148,6 +148,7 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
         state.remove(this.machine)
         raise
     log.info(f"nspawn-runner: machine {this.machine} ready in {time.monotonic() - start:.1f}s")
-    if pool_size:
-        # After the job's own boot, which it would otherwise compete with for the CPU.
+    if pool_size or pool.exists():
+        # After the job's own boot, which it would otherwise compete with for the CPU. With
+        # pool_size 0 (lowered since), this stops the idle machines of the old pool.
         pool.refill(cfg, spec, pool_size, saved.owner)

@@ -303,3 +303,14 @@ def test_a_booting_pool_machine_is_stopped_at_once(pooled: PooledDriver) -> None
         nr(pooled, "pool", "drain")
         assert time.monotonic() - start < 10
         assert not pool(pooled)
+
+
+def test_lowering_pool_size_to_0_stops_the_pool_with_the_next_job(pooled: PooledDriver) -> None:
+    (idle,) = wait_ready(pooled)
+    pooled.base_settings["pool_size"] = 0
+    Driver.write_settings(pooled)  # no drain: the next job is what notices
+    result = Driver.run(pooled, pooled.job(["true"]))
+    assert result.status == "success", result.log
+    assert not served_from_pool(result)
+    wait_gone(idle)
+    assert not pool(pooled)
