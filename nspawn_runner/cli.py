@@ -97,14 +97,30 @@ def gc(
         typer.Option(help="Spare anything younger than this many seconds "
                      "[default: boot_timeout + 60]."),
     ] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Say what would be removed; remove nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for monitoring).")] = False,
 ) -> None:
-    """Remove machines, overlays and snapshots that belong to no running job."""
+    """Remove machines, overlays, snapshots, old caches and builds that belong to no running
+    job; exits with the system-failure code when something could not be removed."""
     from nspawn_runner.executor import gc as collector
 
     def act() -> None:
+        import json
+
         cfg = settings.load()
-        removed = collector.collect(cfg, cfg.boot_timeout + 60 if grace is None else grace)
-        print(f"gc: removed {len(removed)} item(s)")
+        report = collector.collect(cfg, cfg.boot_timeout + 60 if grace is None else grace,
+                                   dry_run=dry_run)
+        if as_json:
+            print(json.dumps({"dry_run": dry_run, "removed": report.removed,
+                              "errors": report.errors}, indent=2))
+        elif dry_run:
+            print("\n".join(["gc: dry run, nothing removed", *report.lines()]))
+        else:
+            print(f"gc: removed {len(report.removed)} item(s)")
+        if report.errors:
+            raise SystemFailure(f"gc: {len(report.errors)} item(s) could not be removed (see "
+                                "the errors above); fix what they name and run gc again")
 
     _do(act)
 

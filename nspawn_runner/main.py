@@ -11,6 +11,12 @@ import sys
 
 def main() -> None:
     args = sys.argv[1:]
+    if args[:1] == ["cleanup"]:
+        # Before anything is imported: gitlab-runner's SIGTERM at cleanup_exec_timeout must not
+        # kill a cleanup that has not even started (executor/cleanup.py says why).
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args[:1] == ["run"] and not {"--help", "-h"} & set(args):
         from nspawn_runner.executor.run import main as run_main
 

@@ -48,6 +48,10 @@ class Settings:
     binds: tuple[str, ...] = ()
     nspawn_options: tuple[str, ...] = ()
     persistent_builds: bool = False
+    devices: tuple[str, ...] = ()
+    step_start_timeout: int = 60
+    cache_max_age: int = 30 * 86400
+    builds_max_age: int = 14 * 86400
     # Where each value came from ("default", a file path, an environment variable).
     origins: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -169,8 +173,19 @@ SETTINGS: tuple[Row, ...] = (
     Row("nspawn_options", _each(limits.parse_nspawn_option),
         "Extra systemd-nspawn options, from a list of safe ones (see docs/security.md)."),
     Row("persistent_builds", schema.boolean,
-        "Keep builds_dir on the host per project and concurrent slot "
-        "(<root>/builds/...), so GIT_STRATEGY=fetch reuses clones between jobs."),
+        "Keep builds_dir on the host per runner, project and concurrent slot "
+        "(<root>/builds/...), so GIT_STRATEGY=fetch reuses clones between jobs; the driver "
+        "picks a slot no running job holds."),
+    Row("devices", _each(limits.parse_device),
+        "Host character devices bound into every machine and allowed by its device policy "
+        "(/dev/fuse, /dev/kvm, /dev/net/tun); all others stay closed."),
+    Row("step_start_timeout", schema.seconds,
+        "Seconds a job step may take to start before run reports a hanging "
+        "`systemd-run --machine` (a system failure)."),
+    Row("cache_max_age", schema.duration,
+        "gc removes cache entries not written for this long, e.g. '30d' (0: never)."),
+    Row("builds_max_age", schema.duration,
+        "gc removes persistent builds directories not used for this long (0: never)."),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.name != "origins"}
 

@@ -25,6 +25,12 @@ SAFE_NSPAWN_OPTIONS = (
 _FORBIDDEN_BINDS = ("/var/run/docker.sock", "/run/docker.sock", "/run/containerd",
                     "/run/podman", "/run/dbus/system_bus_socket", "/run/systemd/private")
 MAX_TASKS = 16384  # systemd caps TasksMax of machines there
+# Capabilities of nspawn's default set that a CI job has no use for, dropped unless an admin
+# gives them back with nspawn_options = ["--capability=..."] (docs/security.md says why each).
+DROPPED_CAPABILITIES = ("CAP_AUDIT_CONTROL", "CAP_LINUX_IMMUTABLE")
+# Host devices an admin may hand to jobs (settings or an image file's [limits]): character
+# devices that give no access to host storage or memory.
+ALLOWED_DEVICES = ("/dev/fuse", "/dev/kvm", "/dev/net/tun")
 
 
 class LimitError(ValueError):
@@ -55,11 +61,13 @@ class Limits:
     private_users: bool = False
     binds: tuple[Bind, ...] = ()
     nspawn_options: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ()
 
-    def unit_properties(self) -> list[str]:
+    def unit_properties(self, runtime_max: int = 0) -> list[str]:
         """systemd-run --property= values for the machine's unit (it holds every process of
-        the machine, so these bound the whole job)."""
-        props = []
+        the machine, so these bound the whole job). `runtime_max`: RuntimeMaxSec, the job's
+        own bound; max_job_duration when it is 0."""
+        props = [f"DeviceAllow={d} rwm" for d in self.devices]
         if self.cpu_weight:
             props.append(f"CPUWeight={self.cpu_weight}")
         if self.cpu_quota:
@@ -70,8 +78,8 @@ class Limits:
             props.append(f"MemoryMax={self.memory_max}")
         if self.tasks_max:
             props.append(f"TasksMax={self.tasks_max}")
-        if self.max_job_duration:
-            props.append(f"RuntimeMaxSec={self.max_job_duration}")
+        if runtime_max or self.max_job_duration:
+            props.append(f"RuntimeMaxSec={runtime_max or self.max_job_duration}")
         return [f"--property={p}" for p in props]
 
     def nspawn_args(self) -> list[str]:
@@ -84,6 +92,12 @@ class Limits:
             # Ownership through idmapped mounts: the image is never chowned.
             args += ["--private-users=pick", "--private-users-ownership=auto"]
         args += [b.nspawn_arg(idmap=self.private_users) for b in self.binds]
+        args += [f"--bind={escape(d)}" for d in self.devices]
+        given = {c.upper() for o in self.nspawn_options if o.startswith("--capability=")
+                 for c in o.split("=", 1)[1].split(",")}
+        dropped = [c for c in DROPPED_CAPABILITIES if c not in given]
+        if dropped:
+            args.append("--drop-capability=" + ",".join(dropped))
         args += list(self.nspawn_options)
         return args
 
@@ -145,6 +159,13 @@ def parse_bind(spec: str, root: Path) -> Bind:
             raise LimitError(f"bind {spec!r}: it exposes {bad}, which gives jobs control of "
                              "the host")
     return Bind(resolved, inside.rstrip("/"), len(parts) == 3 and parts[2] == "ro")
+
+
+def parse_device(path: str) -> str:
+    if path not in ALLOWED_DEVICES:
+        raise LimitError(f"device {path!r} is not allowed; allowed: " + ", ".join(ALLOWED_DEVICES)
+                         + " (block devices and others would give jobs the host's storage)")
+    return path
 
 
 def parse_nspawn_option(option: str) -> str:

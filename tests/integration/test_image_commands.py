@@ -29,7 +29,9 @@ TINY = {"variant": "minbase", "packages": ["less"],
 
 def guest_tarball() -> str:
     """The test bed's job image as a tarball: a `command` bootstrap that works offline."""
-    found = sorted(Path("/testbed-cache").glob("guest-*.tar.zst"), key=lambda p: p.stat().st_mtime)
+    # Not a .partial.tar.zst another test bed may be writing into the shared cache right now.
+    found = sorted((p for p in Path("/testbed-cache").glob("guest-*.tar.zst")
+                    if ".partial" not in p.name), key=lambda p: p.stat().st_mtime)
     assert found, "the test bed binds its cache at /testbed-cache"
     return str(found[-1])
 

@@ -32,7 +32,7 @@ RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 RUN_HOT_PATH = {"nspawn_runner", "nspawn_runner.errors", "nspawn_runner.log",
                 "nspawn_runner.proc", "nspawn_runner.layout", "nspawn_runner.executor",
                 "nspawn_runner.executor.run", "nspawn_runner.executor.state",
-                "nspawn_runner.executor.identity"}
+                "nspawn_runner.executor.identity", "nspawn_runner.executor.status"}
 
 
 def module_name(path: Path) -> str:
