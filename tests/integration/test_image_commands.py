@@ -29,11 +29,9 @@ TINY = {"variant": "minbase", "packages": ["less"],
 
 def guest_tarball() -> str:
     """The test bed's job image as a tarball: a `command` bootstrap that works offline."""
-    # Not a .partial.tar.zst another test bed may be writing into the shared cache right now.
-    found = sorted((p for p in Path("/testbed-cache").glob("guest-*.tar.zst")
-                    if ".partial" not in p.name), key=lambda p: p.stat().st_mtime)
-    assert found, "the test bed binds its cache at /testbed-cache"
-    return str(found[-1])
+    found = Path("/testbed-guest.tar.zst")
+    assert found.is_file(), "the test bed binds its job image's tarball there"
+    return str(found)
 
 
 def nr(driver: Driver, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
