@@ -104,7 +104,7 @@ def _parse(text: str, path: Path) -> TOMLDocument:
                          "changed") from None
 
 
-def _runners(doc: TOMLDocument, path: Path) -> AoT | None:
+def runners_of(doc: TOMLDocument, path: Path) -> AoT | None:
     runners = doc.get("runners")
     if runners is None:
         return None
@@ -118,13 +118,13 @@ def _label(runner: Table) -> str:
     return str(runner.get("name", "?"))
 
 
-def _calls_us(runner: Table) -> bool:
+def calls_us(runner: Table) -> bool:
     custom = runner.get("custom")
     return isinstance(custom, dict) and any(
         runner_block.is_ours(custom.get(f"{s}_exec"), custom.get(f"{s}_args")) for s in STAGES)
 
 
-def _unfinished_custom(runner: Table) -> bool:
+def unfinished_custom(runner: Table) -> bool:
     """A custom runner as an interactive `gitlab-runner register` leaves it: no run_exec, or
     `run_exec = ""`."""
     if runner.get("executor") != "custom":
@@ -156,10 +156,10 @@ def _select(runners: AoT | None, name: str, add: bool, path: Path) -> Table | No
                              "nothing was changed")
         what = f"named {name!r}"
     else:
-        found = [r for r in listed if _calls_us(r)]
+        found = [r for r in listed if calls_us(r)]
         what = "that call nspawn-runner"
         if not found:
-            found = [r for r in listed if _unfinished_custom(r)]
+            found = [r for r in listed if unfinished_custom(r)]
             what = "with the custom executor and no run_exec"
         if not found:
             raise MergeError(f"{path} has no runner that calls nspawn-runner and no custom "
@@ -391,7 +391,7 @@ def merge_text(text: str, wanted: Wanted, name: str = "", add: bool = False,
     """`wanted` merged into the config.toml `text`. `exists` says whether a `*_exec` path is
     an executable file (the tests pass their own)."""
     doc = _parse(text, path)
-    runners = _runners(doc, path)
+    runners = runners_of(doc, path)
     runner = _select(runners, name, add, path)
     notes = _Notes()
     if runner is None:
@@ -511,6 +511,11 @@ def write_with_backup(path: Path, before: str, after: str) -> Path:
     except OSError as e:  # the new file is in place; only its durability is in doubt
         log.warn(f"{target.parent}: cannot sync the directory ({e.strerror})")
     return backup
+
+
+def read_config(path: Path) -> TOMLDocument:
+    """gitlab-runner's config.toml at `path`, parsed; MergeError naming the problem."""
+    return _parse(_read(path), path)
 
 
 def merge_file(path: Path, wanted: Wanted, name: str = "", add: bool = False,
