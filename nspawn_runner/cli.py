@@ -132,8 +132,10 @@ def toml(
         help="The runner's name in config.toml; with --merge, the block to update.")] = "",
     merge: Annotated[Path | None, typer.Option(
         "--merge", metavar="PATH",
-        help="Add or update the block in this gitlab-runner config.toml, keeping the rest.",
+        help="Complete the block in this gitlab-runner config.toml, keeping the rest.",
     )] = None,
+    add: Annotated[bool, typer.Option(
+        "--add", help="With --merge: append a new block (placeholder url and token).")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="With --merge: show the change as a diff, write nothing.")] = False,
 ) -> None:
@@ -145,15 +147,15 @@ def toml(
             from nspawn_runner.images.names import validate_name
 
             validate_name(default_image)
+        wanted = runner_block.Wanted.from_settings(settings.load(), default_image)
         if merge is None:
-            if dry_run:
-                raise SystemFailure("--dry-run needs --merge PATH")
-            print(runner_block.render(settings.load(), default_image, name), end="")
+            if dry_run or add:
+                raise SystemFailure(f"{'--dry-run' if dry_run else '--add'} needs --merge PATH")
+            print(runner_block.render(wanted, name), end="")
             return
         from nspawn_runner.gitlab import merge as runner_merge
 
-        block = runner_block.runner_table(settings.load(), default_image, name)
-        result = runner_merge.merge_file(merge, block, name, dry_run)
+        result = runner_merge.merge_file(merge, wanted, name, add, dry_run)
         if dry_run:
             print(result.diff(), end="")
         log.info(result.summary(dry_run))

@@ -226,7 +226,8 @@ def test_no_images(host: FakeHost, tmp_path: Path) -> None:
     rows = by_name(check(host, root))
     assert rows["images"].status is Status.FAIL
     assert rows["images"].detail == f"no images in {root}/images"
-    assert "mmdebstrap" in rows["images"].fix and "docs/quickstart.md" in rows["images"].fix
+    assert "nspawn-runner chroot-create NAME" in rows["images"].fix
+    assert "docs/quickstart.md" in rows["images"].fix
 
 
 def test_btrfs_backend_forced_on_another_file_system(host: FakeHost, root: Path) -> None:
