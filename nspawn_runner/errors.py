@@ -36,3 +36,7 @@ class CommandError(SystemFailure):
         self.stderr = stderr
         detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
         super().__init__(f"{redact_argv(argv)} failed with status {returncode}: {detail}")
+
+
+class CiConfigError(NspawnRunnerError):
+    """A .gitlab-ci.yml that GitLab would reject, or a job using what `exec` cannot do."""
