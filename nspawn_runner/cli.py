@@ -1,4 +1,4 @@
-"""The command line. Only parses arguments and maps outcomes to exit codes (main.finish); the
+"""The command line. Only parses arguments and maps outcomes to exit codes (errors.finish); the
 work happens in the modules it calls."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from nspawn_runner import log, settings
-from nspawn_runner.errors import SystemFailure
-from nspawn_runner.main import finish
+from nspawn_runner.errors import SystemFailure, cancel_on_signals, finish
 
 app = typer.Typer(
     help="GitLab Runner custom-executor driver: every CI job in its own systemd-nspawn machine.",
@@ -49,10 +48,10 @@ def _global(
 @app.command(short_help="Stage: print the JSON gitlab-runner reads.")
 def config() -> None:
     """Stage: print the JSON gitlab-runner reads (builds_dir, cache_dir, driver)."""
-    from nspawn_runner import stages
+    from nspawn_runner.executor import config as config_stage
 
     def act() -> None:
-        out = stages.config(settings.load())
+        out = config_stage.config(settings.load())
         print(out)
 
     _do(act)
@@ -61,11 +60,11 @@ def config() -> None:
 @app.command(short_help="Stage: boot the job's machine.")
 def prepare(default_image: DefaultImage = "") -> None:
     """Stage: boot the job's machine from its image; returns once it is up."""
-    from nspawn_runner import stages, state
+    from nspawn_runner.executor import prepare as prepare_stage
 
     def act() -> None:
-        state.cancel_on_signals()
-        stages.prepare(settings.load(), default_image)
+        cancel_on_signals()
+        prepare_stage.prepare(settings.load(), default_image)
 
     _do(act)
 
@@ -78,7 +77,7 @@ def run(
     args: Annotated[list[str], typer.Argument(help="[--verbose] SCRIPT STAGE", metavar="ARGS")],
 ) -> None:
     """Stage: pipe a job script into the job's machine (the last two arguments: SCRIPT STAGE)."""
-    from nspawn_runner import run_stage
+    from nspawn_runner.executor import run as run_stage
 
     raise typer.Exit(run_stage.main(args))
 
@@ -86,9 +85,9 @@ def run(
 @app.command(short_help="Stage: remove the job's machine.")
 def cleanup() -> None:
     """Stage: stop the job's machine and remove its writable layer (idempotent)."""
-    from nspawn_runner import stages
+    from nspawn_runner.executor import cleanup as cleanup_stage
 
-    _do(lambda: stages.cleanup(settings.load()))
+    _do(lambda: cleanup_stage.cleanup(settings.load()))
 
 
 @app.command(short_help="Remove leftovers of crashed jobs.")
@@ -100,7 +99,7 @@ def gc(
     ] = None,
 ) -> None:
     """Remove machines, overlays and snapshots that belong to no running job."""
-    from nspawn_runner import gc as collector
+    from nspawn_runner.executor import gc as collector
 
     def act() -> None:
         cfg = settings.load()
@@ -123,22 +122,22 @@ def toml(
         "--dry-run", help="With --merge: show the change as a diff, write nothing.")] = False,
 ) -> None:
     """Print the [[runners]] block for gitlab-runner's config.toml, or merge it into one."""
-    from nspawn_runner import toml_block
+    from nspawn_runner.gitlab import block as runner_block
 
     def act() -> None:
         if default_image:
-            from nspawn_runner.images import validate_name
+            from nspawn_runner.images.names import validate_name
 
             validate_name(default_image)
         if merge is None:
             if dry_run:
                 raise SystemFailure("--dry-run needs --merge PATH")
-            print(toml_block.render(settings.load(), default_image, name), end="")
+            print(runner_block.render(settings.load(), default_image, name), end="")
             return
-        from nspawn_runner import toml_merge
+        from nspawn_runner.gitlab import merge as runner_merge
 
-        block = toml_block.runner_table(settings.load(), default_image, name)
-        result = toml_merge.merge_file(merge, block, name, dry_run)
+        block = runner_block.runner_table(settings.load(), default_image, name)
+        result = runner_merge.merge_file(merge, block, name, dry_run)
         if dry_run:
             print(result.diff(), end="")
         log.info(result.summary(dry_run))
@@ -157,11 +156,11 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Check that this host can run jobs; exits with the system-failure code if it cannot."""
-    from nspawn_runner import hostcheck, state
+    from nspawn_runner import check as host_check
 
     def act() -> None:
-        state.cancel_on_signals()  # a test boot in progress is torn down on SIGTERM
-        report = hostcheck.run(hostcheck.Host(), settings.config_path(), boot=not no_boot,
+        cancel_on_signals()  # a test boot in progress is torn down on SIGTERM
+        report = host_check.run(host_check.Host(), settings.config_path(), boot=not no_boot,
                                boot_timeout=boot_timeout or 0)
         print(report.to_json() if as_json else report.render(), end="")
         report.raise_for_failures()
@@ -209,15 +208,16 @@ def chroot_create(
         "--save", help="Write the options into the image file.")] = False,
 ) -> None:
     """Build image NAME aside from its file, then put it in place (replacing the old one)."""
-    from nspawn_runner import imagefile, imageops, state
+    from nspawn_runner.executor import state
+    from nspawn_runner.images import commands, spec
 
     def act() -> None:
-        state.cancel_on_signals()  # the half-made image is removed on SIGTERM
+        cancel_on_signals()  # the half-made image is removed on SIGTERM
         cfg = settings.load()
-        overrides = imagefile.overrides(cfg, name, include or [], bootstrap=bootstrap,
+        overrides = spec.overrides(cfg, name, include or [], bootstrap=bootstrap,
                                         suite=suite, mirror=mirror, architecture=architecture,
                                         variant=variant)
-        imageops.create(cfg, name, overrides, save)
+        commands.create(cfg, name, state.image_uses, overrides, save)
 
     _do(act)
 
@@ -230,11 +230,12 @@ def chroot_login(
         help="A command instead of the shell (after --).")] = None,
 ) -> None:
     """A root shell in a copy of image NAME; exit 0 to make it the image, non-zero to drop it."""
-    from nspawn_runner import imageops, state
+    from nspawn_runner.executor import state
+    from nspawn_runner.images import commands
 
     def act() -> None:
-        state.cancel_on_signals()
-        imageops.login(settings.load(), name, command or [])
+        cancel_on_signals()
+        commands.login(settings.load(), name, command or [], state.image_uses)
 
     _do(act)
 
@@ -245,13 +246,14 @@ def chroot_maintenance(
         help="Images to maintain [default: every image file].")] = None,
 ) -> None:
     """Create missing images, recreate old ones, re-run provisioning on the others."""
-    from nspawn_runner import imageops, state
+    from nspawn_runner.executor import state
+    from nspawn_runner.images import commands
 
     def act() -> None:
-        state.cancel_on_signals()
-        outcomes = imageops.maintenance(settings.load(), names or [])
-        print(imageops.maintenance_report(outcomes), end="")
-        imageops.check_outcomes(outcomes)
+        cancel_on_signals()
+        outcomes = commands.maintenance(settings.load(), names or [], state.image_uses)
+        print(commands.maintenance_report(outcomes), end="")
+        commands.check_outcomes(outcomes)
 
     _do(act)
 
@@ -261,13 +263,14 @@ def chroot_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List images: size, creation and maintenance time, backend, jobs using them now."""
-    from nspawn_runner import imageops
+    from nspawn_runner.executor import state
+    from nspawn_runner.images import commands
 
     def act() -> None:
         import json
 
-        rows = imageops.list_images(settings.load())
-        print(json.dumps(rows, indent=2) if as_json else imageops.list_report(rows), end="")
+        rows = commands.list_images(settings.load(), state.image_uses)
+        print(json.dumps(rows, indent=2) if as_json else commands.list_report(rows), end="")
 
     _do(act)
 
@@ -279,9 +282,10 @@ def chroot_remove(
         "--force", help="Even while jobs use it (they keep their version).")] = False,
 ) -> None:
     """Remove image NAME; refused while jobs use it, unless --force."""
-    from nspawn_runner import imageops
+    from nspawn_runner.executor import state
+    from nspawn_runner.images import commands
 
-    _do(lambda: imageops.remove(settings.load(), name, force))
+    _do(lambda: commands.remove(settings.load(), name, state.image_uses, force))
 
 
 @app.command("chroot-export", short_help="Write an image to one tarball.")
@@ -290,9 +294,9 @@ def chroot_export(
     file: Annotated[Path, typer.Argument(help="The tarball to write, e.g. NAME.tar.zst.")],
 ) -> None:
     """Write image NAME as one zstd tarball (ownership and xattrs kept)."""
-    from nspawn_runner import imageops
+    from nspawn_runner.images import commands
 
-    _do(lambda: imageops.export(settings.load(), name, file))
+    _do(lambda: commands.export(settings.load(), name, file))
 
 
 @app.command("chroot-import", short_help="Make an image from a tarball.")
@@ -301,10 +305,11 @@ def chroot_import(
     source: Annotated[str, typer.Argument(help="A tarball: a path or an http(s) URL.")],
 ) -> None:
     """Make image NAME from a tarball, checked before it replaces anything."""
-    from nspawn_runner import imageops, state
+    from nspawn_runner.executor import state
+    from nspawn_runner.images import commands
 
     def act() -> None:
-        state.cancel_on_signals()
-        imageops.import_(settings.load(), name, source)
+        cancel_on_signals()
+        commands.import_(settings.load(), name, source, state.image_uses)
 
     _do(act)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 
 _verbose = bool(os.environ.get("NSPAWN_RUNNER_VERBOSE"))
 _secrets: set[str] = set()
@@ -54,3 +55,10 @@ def warn(msg: str) -> None:
 
 def error(msg: str) -> None:
     print("error: " + mask(msg), file=sys.stderr, flush=True)
+
+
+def redact_argv(argv: Sequence[str]) -> str:
+    """A command line as a copy-pasteable, masked line."""
+    import shlex  # only for messages: keeps `run`'s imports small
+
+    return mask(shlex.join(argv))

@@ -17,12 +17,6 @@ if TYPE_CHECKING:
 Argv = Sequence["str | Path"]
 
 
-def redact_argv(argv: Sequence[str]) -> str:
-    import shlex  # only for messages: keeps `run`'s imports small
-
-    return log.mask(shlex.join(argv))
-
-
 def _argv(cmd: Argv) -> list[str]:
     return [os.fspath(c) for c in cmd]
 
@@ -40,7 +34,7 @@ def run(
     `capture`, otherwise to our stderr so a command's chatter never pollutes a stage's stdout."""
     argv = _argv(cmd)
     if log.verbose():
-        log.debug("+ " + redact_argv(argv))
+        log.debug("+ " + log.redact_argv(argv))
     try:
         proc = subprocess.run(
             argv,
@@ -68,7 +62,7 @@ def spawn(cmd: Argv, *, stdin: int | IO[bytes] | None = None) -> subprocess.Pope
     """Start `cmd` with our stdout/stderr, for output that must stream through unbuffered."""
     argv = _argv(cmd)
     if log.verbose():
-        log.debug("+ " + redact_argv(argv))
+        log.debug("+ " + log.redact_argv(argv))
     try:
         return subprocess.Popen(argv, stdin=stdin)
     except FileNotFoundError as e:

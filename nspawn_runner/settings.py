@@ -4,21 +4,17 @@ docs/configuration.md are made. The result is a frozen `Settings`."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nspawn_runner import limits, log
+from nspawn_runner import layout, schema, table
 from nspawn_runner.errors import SystemFailure
+from nspawn_runner.host import limits
 
-DEFAULT_CONFIG = Path("/etc/nspawn-runner/config.toml")
-DEFAULT_ROOT = Path("/var/lib/nspawn-runner")
-DEFAULT_IMAGES_CONFIG_DIR = Path("/etc/nspawn-runner/images")
 BACKENDS = ("auto", "btrfs", "overlay", "volatile")
-SHELLS = ("bash", "sh")
 
 
 class SettingsError(SystemFailure):
@@ -27,7 +23,7 @@ class SettingsError(SystemFailure):
 
 @dataclass(frozen=True)
 class Settings:
-    root: Path = DEFAULT_ROOT
+    root: Path = layout.DEFAULT_ROOT
     default_image: str = ""
     allowed_images: tuple[str, ...] = ()
     backend: str = "auto"
@@ -38,7 +34,7 @@ class Settings:
     shell: str = "bash"
     gitlab_runner: str = ""
     secret_variables: tuple[str, ...] = ()
-    images_config_dir: Path = DEFAULT_IMAGES_CONFIG_DIR
+    images_config_dir: Path = layout.DEFAULT_IMAGES_CONFIG_DIR
     package_cache: str = ""
     cpu_weight: int = 0
     cpu_quota: str = ""
@@ -57,11 +53,11 @@ class Settings:
 
     @property
     def images_dir(self) -> Path:
-        return self.root / "images"
+        return layout.images_dir(self.root)
 
     @property
     def package_cache_dir(self) -> Path:
-        return Path(self.package_cache) if self.package_cache else self.root / "package-cache"
+        return Path(self.package_cache) if self.package_cache else layout.package_cache(self.root)
 
     def limits(self, **overrides: object) -> limits.Limits:
         """The limits for a job; `overrides` come from the image's file."""
@@ -77,13 +73,10 @@ class Settings:
         return limits.Limits(binds=parsed, **values)
 
 
-Parser = Callable[[object], Any]
-
-
 @dataclass(frozen=True)
 class Row:
     name: str
-    parse: Parser
+    parse: schema.Parser
     help: str
     env: str | None = None
 
@@ -92,80 +85,30 @@ class Row:
         return _DEFAULTS[self.name]
 
 
-class _BadValue(ValueError):
-    """Raised by parsers; the loader adds file and key to the message."""
-
-
-def _str(value: object) -> str:
-    if not isinstance(value, str):
-        raise _BadValue(f"expected a string, got {type(value).__name__}")
-    return value
-
-
 def _abs_dir_or_empty(value: object) -> str:
-    text = _str(value)
+    text = schema.string(value)
     # mmdebstrap's sync-in/sync-out hooks split their arguments at spaces.
     if text and (not text.startswith("/") or any(c.isspace() for c in text)):
-        raise _BadValue("expected an absolute path without spaces, or empty")
+        raise schema.BadValue("expected an absolute path without spaces, or empty")
     return text
 
 
-def _abs_path(value: object) -> Path:
-    text = _str(value)
-    if not text.startswith("/"):
-        raise _BadValue("expected an absolute path")
-    return Path(text)
-
-
 def _inner_path(value: object) -> str:
-    text = _str(value)
+    text = schema.string(value)
     if not text.startswith("/") or text == "/" or ".." in text.split("/") or ":" in text:
-        raise _BadValue(
+        raise schema.BadValue(
             "expected an absolute path inside the machine, not '/', without '..' or ':'")
     return text.rstrip("/")
 
 
-def _seconds(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _BadValue(f"expected a whole number of seconds, got {type(value).__name__}")
-    if value <= 0:
-        raise _BadValue("expected a number of seconds greater than 0")
-    return value
-
-
-def _bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise _BadValue("expected true or false")
-    return value
-
-
-def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _BadValue(f"expected a whole number, got {type(value).__name__}")
-    return value
-
-
-def _checked(base: Parser, check: Callable[[Any], Any]) -> Parser:
+def _limit(base: schema.Parser, check: Callable[[Any], Any]) -> schema.Parser:
     """`base` for the type, then one of limits.parse_* for the range."""
-
-    def parse(value: object) -> Any:
-        try:
-            return check(base(value))
-        except limits.LimitError as e:
-            raise _BadValue(str(e)) from None
-
-    return parse
+    return schema.checked(base, check, (limits.LimitError,))
 
 
-def _each(check: Callable[[str], str]) -> Parser:
-    def parse(value: object) -> tuple[str, ...]:
-        items = _str_list(value)
-        try:
-            return tuple(check(v) for v in items)
-        except limits.LimitError as e:
-            raise _BadValue(str(e)) from None
-
-    return parse
+def _each(check: Callable[[str], str]) -> schema.Parser:
+    return schema.checked(schema.str_list, lambda items: tuple(check(v) for v in items),
+                          (limits.LimitError,))
 
 
 def _non_negative(value: int) -> int:
@@ -174,72 +117,58 @@ def _non_negative(value: int) -> int:
     return value
 
 
-def _choice(*choices: str) -> Parser:
-    def parse(value: object) -> str:
-        text = _str(value)
-        if text not in choices:
-            raise _BadValue("expected one of " + ", ".join(choices))
-        return text
-
-    return parse
-
-
-def _str_list(value: object) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _BadValue("expected a list of strings")
-    return tuple(value)
-
-
 SETTINGS: tuple[Row, ...] = (
-    Row("root", _abs_path, "State root: images/, cache/, overlays/ live below it.",
+    Row("root", schema.abs_path, "State root: images/, cache/, overlays/ live below it.",
         env="NSPAWN_RUNNER_ROOT"),
-    Row("default_image", _str, "Image for jobs that name none (`--default-image` overrides)."),
-    Row("allowed_images", _str_list,
+    Row("default_image", schema.string,
+        "Image for jobs that name none (`--default-image` overrides)."),
+    Row("allowed_images", schema.str_list,
         "If not empty, only images matching one of these shell patterns may be used."),
-    Row("backend", _choice(*BACKENDS),
+    Row("backend", schema.choice(*BACKENDS),
         "How a job's writable layer is made: auto (btrfs snapshot on btrfs, overlay elsewhere), "
         "btrfs, overlay (upper dir under root) or volatile (tmpfs, lost at cleanup)."),
-    Row("boot_timeout", _seconds,
+    Row("boot_timeout", schema.seconds,
         "Seconds prepare waits for a machine to boot; keep it below prepare_exec_timeout."),
-    Row("stop_timeout", _seconds, "Seconds cleanup lets a machine shut down before killing it."),
+    Row("stop_timeout", schema.seconds,
+        "Seconds cleanup lets a machine shut down before killing it."),
     Row("builds_dir", _inner_path, "builds_dir reported to gitlab-runner (inside the machine)."),
     Row("cache_dir", _inner_path,
         "cache_dir reported to gitlab-runner; bound from <root>/cache so caches outlive jobs."),
-    Row("shell", _choice(*SHELLS), "Shell that runs job scripts inside the machine."),
-    Row("gitlab_runner", _str,
+    Row("shell", schema.choice(*layout.SHELLS), "Shell that runs job scripts inside the machine."),
+    Row("gitlab_runner", schema.string,
         "Host path of the gitlab-runner binary bound into machines; empty: search PATH."),
-    Row("secret_variables", _str_list,
+    Row("secret_variables", schema.str_list,
         "Extra job variable names whose values never appear in the driver's output."),
-    Row("images_config_dir", _abs_path,
+    Row("images_config_dir", schema.abs_path,
         "Directory of the image files, <NAME>.toml (see docs/images.md)."),
     Row("package_cache", _abs_dir_or_empty,
         "Directory of downloaded packages shared by image builds; empty: <root>/package-cache."),
-    Row("cpu_weight", _checked(_int, limits.parse_cpu_weight),
+    Row("cpu_weight", _limit(schema.integer, limits.parse_cpu_weight),
         "CPUWeight= of each job's machine (1-10000, 0: systemd's default)."),
-    Row("cpu_quota", _checked(_str, limits.parse_percent),
+    Row("cpu_quota", _limit(schema.string, limits.parse_percent),
         "CPUQuota= of each job's machine, e.g. '200%' for two CPUs."),
-    Row("memory_high", _checked(_str, limits.parse_size),
+    Row("memory_high", _limit(schema.string, limits.parse_size),
         "MemoryHigh= of each job's machine (throttled above it), e.g. '6G'."),
-    Row("memory_max", _checked(_str, limits.parse_size),
+    Row("memory_max", _limit(schema.string, limits.parse_size),
         "MemoryMax= of each job's machine (OOM-killed above it), e.g. '8G'."),
-    Row("tasks_max", _checked(_int, limits.parse_tasks),
+    Row("tasks_max", _limit(schema.integer, limits.parse_tasks),
         "TasksMax= of each job's machine (at most 16384; 0: systemd's default)."),
-    Row("max_job_duration", _checked(_int, _non_negative),
+    Row("max_job_duration", _limit(schema.integer, _non_negative),
         "Seconds after which a job's machine is stopped whatever happens (0: no limit)."),
-    Row("network", _checked(_str, limits.parse_network),
+    Row("network", _limit(schema.string, limits.parse_network),
         "host (share the host's network), private (loopback only) or veth (a link to the "
         "host, configured by systemd-networkd on both ends)."),
-    Row("user", _checked(_str, limits.parse_user),
+    Row("user", _limit(schema.string, limits.parse_user),
         "User that runs job scripts; created in the machine with a home if missing."),
-    Row("private_users", _bool,
+    Row("private_users", schema.boolean,
         "Run machines in their own user namespace (--private-users=pick): root inside is "
         "not root outside."),
-    Row("binds", _str_list,
+    Row("binds", schema.str_list,
         "Extra binds HOST:INSIDE[:ro|rw]; '/', the state root and container sockets are "
         "refused."),
     Row("nspawn_options", _each(limits.parse_nspawn_option),
         "Extra systemd-nspawn options, from a list of safe ones (see docs/security.md)."),
-    Row("persistent_builds", _bool,
+    Row("persistent_builds", schema.boolean,
         "Keep builds_dir on the host per project and concurrent slot "
         "(<root>/builds/...), so GIT_STRATEGY=fetch reuses clones between jobs."),
 )
@@ -260,7 +189,7 @@ def reference_markdown() -> str:
 
 
 def config_path() -> Path:
-    return Path(os.environ.get("NSPAWN_RUNNER_CONFIG", DEFAULT_CONFIG))
+    return Path(os.environ.get("NSPAWN_RUNNER_CONFIG", layout.DEFAULT_CONFIG))
 
 
 def _read(path: Path) -> dict[str, object]:
@@ -290,26 +219,14 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Set
     path = path or config_path()
     environ = dict(os.environ) if environ is None else environ
     data = _read(path)
-    rows = {row.name: row for row in SETTINGS}
-    values: dict[str, object] = {}
-    origins = {row.name: "default" for row in SETTINGS}
-    for key, raw in data.items():
-        row = rows.get(key)
-        if row is None:
-            close = difflib.get_close_matches(key, rows, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            log.warn(f"{path}: unknown setting {key!r} ignored{hint}")
-            continue
-        try:
-            values[key] = row.parse(raw)
-        except _BadValue as e:
-            raise SettingsError(f"{path}: invalid value {raw!r} for {key!r}: {e}") from None
-        origins[key] = str(path)
+    parsers = {row.name: row.parse for row in SETTINGS}
+    values: dict[str, object] = schema.parse_table(data, parsers, str(path), SettingsError)
+    origins = {row.name: str(path) if row.name in values else "default" for row in SETTINGS}
     for row in SETTINGS:
         if row.env and environ.get(row.env):
             try:
                 values[row.name] = row.parse(environ[row.env])
-            except _BadValue as e:
+            except schema.BadValue as e:
                 raise SettingsError(
                     f"environment variable {row.env}={environ[row.env]!r}: {e}") from None
             origins[row.name] = row.env
@@ -352,8 +269,5 @@ def show(cfg: Settings, path: Path) -> str:
         value = tomlkit.item(_plain(getattr(cfg, row.name))).as_string()
         rows.append((row.name, value, f"environment {origin}" if source == "environment"
                      else origin))
-    widths = [max(len(r[i]) for r in rows) for i in (0, 1)]
     absent = "" if path.is_file() else " (absent: defaults and environment only)"
-    lines = [f"settings file: {path}{absent}"]
-    lines += [f"{k:<{widths[0]}}  {v:<{widths[1]}}  {f}" for k, v, f in rows]
-    return "\n".join(lines) + "\n"
+    return f"settings file: {path}{absent}\n" + table.render(rows)

@@ -60,8 +60,10 @@ def aside(driver: Driver) -> list[str]:
 
 
 def prune(driver: Driver) -> None:
-    code = ("from pathlib import Path; from nspawn_runner import imagestore, settings; "
-            f"imagestore.prune_old_versions(settings.load(Path({str(driver.settings)!r})))")
+    code = ("from pathlib import Path; from nspawn_runner import settings; "
+            "from nspawn_runner.executor import state; from nspawn_runner.images import store; "
+            f"store.prune_old_versions(settings.load(Path({str(driver.settings)!r})), "
+            "state.image_uses())")
     subprocess.run(["/opt/nspawn-runner/bin/python", "-c", code], check=True)
 
 

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from nspawn_runner import backends, machine, run_stage, state
-from nspawn_runner.backends import Backend
+from nspawn_runner.executor import run as run_stage
+from nspawn_runner.executor import state
+from nspawn_runner.host import backends, fs, machine
+from nspawn_runner.host.backends import Backend
 
 
 def spec(backend: Backend, **kw: object) -> machine.BootSpec:
@@ -54,9 +56,9 @@ def test_paths_with_colons_are_escaped() -> None:
 
 
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backends, "filesystem", lambda p: "btrfs")
+    monkeypatch.setattr(fs, "filesystem", lambda p: "btrfs")
     assert backends.choose("auto", Path("/")) is Backend.BTRFS
-    monkeypatch.setattr(backends, "filesystem", lambda p: "ext2/ext3")
+    monkeypatch.setattr(fs, "filesystem", lambda p: "ext2/ext3")
     assert backends.choose("auto", Path("/")) is Backend.OVERLAY
     assert backends.choose("volatile", Path("/")) is Backend.VOLATILE
 

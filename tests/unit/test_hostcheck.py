@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nspawn_runner import hostcheck, machine, proc
-from nspawn_runner.backends import Backend
+from nspawn_runner import check as host_check
+from nspawn_runner import proc
+from nspawn_runner.check import Check, Host, Report, Status
 from nspawn_runner.cli import app
 from nspawn_runner.errors import CommandError, SystemFailure
-from nspawn_runner.hostcheck import Check, Host, Report, Status
+from nspawn_runner.host import machine
+from nspawn_runner.host.backends import Backend
 from nspawn_runner.settings import Settings
 
 
@@ -20,11 +22,11 @@ class FakeHost(Host):
         self.root_user = True
         self.booted = True
         self.version = "systemd 252 (252.39-1~deb12u2)\n+PAM +AUDIT default-hierarchy=unified\n"
-        self.commands = set(hostcheck.COMMANDS)
+        self.commands = set(host_check.COMMANDS)
         self.machined_error = ""
         self.filesystems = {"/sys/fs/cgroup": "cgroup2fs", str(root): "ext2/ext3"}
         self.chosen = Backend.OVERLAY
-        self.free = 100 * hostcheck.GIB
+        self.free = 100 * host_check.GIB
         self.runner: Path | None = Path("/usr/bin/gitlab-runner")
         self.boot_errors: dict[str, str] = {}
         self.boots: list[tuple[str, Path, int]] = []
@@ -97,7 +99,7 @@ def check(host: FakeHost, root: Path, settings: str = "", boot: bool = True,
           boot_timeout: int = 0) -> Report:
     config = root.parent / "config.toml"
     config.write_text(f'root = "{root}"\n' + settings)
-    return hostcheck.run(host, config, environ={}, boot=boot, boot_timeout=boot_timeout)
+    return host_check.run(host, config, environ={}, boot=boot, boot_timeout=boot_timeout)
 
 
 def by_name(report: Report) -> dict[str, Check]:
@@ -245,7 +247,7 @@ def test_private_users_needs_btrfs(host: FakeHost, root: Path) -> None:
 @pytest.mark.parametrize(("gib", "status"), [(0.5, Status.FAIL), (3, Status.WARN),
                                              (6, Status.OK)])
 def test_free_space(host: FakeHost, root: Path, gib: float, status: Status) -> None:
-    host.free = int(gib * hostcheck.GIB)
+    host.free = int(gib * host_check.GIB)
     assert by_name(check(host, root))["free space"].status is status
 
 
@@ -352,7 +354,7 @@ def cli_host(host: FakeHost, root: Path, monkeypatch: pytest.MonkeyPatch) -> Fak
     config.write_text(f'root = "{root}"\n')
     monkeypatch.setenv("NSPAWN_RUNNER_CONFIG", str(config))
     monkeypatch.delenv("NSPAWN_RUNNER_ROOT", raising=False)
-    monkeypatch.setattr(hostcheck, "Host", lambda: host)
+    monkeypatch.setattr(host_check, "Host", lambda: host)
     return host
 
 

@@ -5,20 +5,22 @@ from pathlib import Path
 
 import pytest
 
-from nspawn_runner import imagebuild, imagefile, log, proc
-from nspawn_runner.imagebuild import ImageBuildError
-from nspawn_runner.imagefile import ImageSpec
+from nspawn_runner import log, proc
+from nspawn_runner.images import build
+from nspawn_runner.images import spec as image_file
+from nspawn_runner.images.build import ImageBuildError
+from nspawn_runner.images.spec import ImageSpec
 from nspawn_runner.settings import Settings
 
 
 def spec(**data: object) -> ImageSpec:
     data.setdefault("suite", "bookworm")
     data.setdefault("bootstrap", "mmdebstrap")
-    return imagefile.parse("tiny", data, Path("/etc/nspawn-runner/images/tiny.toml"))
+    return image_file.parse("tiny", data, Path("/etc/nspawn-runner/images/tiny.toml"))
 
 
 def test_mmdebstrap_command() -> None:
-    cmd = imagebuild.mmdebstrap_command(spec(packages=["less"], bootstrap_options=["--aptopt=x"]),
+    cmd = build.mmdebstrap_command(spec(packages=["less"], bootstrap_options=["--aptopt=x"]),
                                         Path("/r/images/.tmp-tiny@1"), Path("/r/cache/b"),
                                         "amd64", "http://deb.debian.org/debian")
     assert cmd == [
@@ -35,14 +37,14 @@ def test_mmdebstrap_command() -> None:
 
 def test_mmdebstrap_verbose(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(log, "_verbose", True)
-    cmd = imagebuild.mmdebstrap_command(spec(), Path("/t"), Path("/c"), "i386", "http://m")
+    cmd = build.mmdebstrap_command(spec(), Path("/t"), Path("/c"), "i386", "http://m")
     assert "--verbose" in cmd and "--architectures=i386" in cmd
 
 
 @pytest.mark.parametrize(("variant", "flags"), [("minbase", ["--variant=minbase"]),
                                                 ("default", [])])
 def test_debootstrap_command(variant: str, flags: list[str]) -> None:
-    cmd = imagebuild.debootstrap_command(
+    cmd = build.debootstrap_command(
         spec(bootstrap="debootstrap", variant=variant, components=["main", "contrib"]),
         Path("/t"), Path("/c/bookworm-i386"), "i386", "http://m/debian")
     assert cmd == ["debootstrap", *flags, "--arch=i386", "--components=main,contrib",
@@ -52,13 +54,13 @@ def test_debootstrap_command(variant: str, flags: list[str]) -> None:
 
 def test_command_argv() -> None:
     s = spec(bootstrap="command", command=["dnf", "--installroot={target}", "install", "x"])
-    assert imagebuild.command_argv(s, Path("/r/images/.tmp-f@1")) == [
+    assert build.command_argv(s, Path("/r/images/.tmp-f@1")) == [
         "dnf", "--installroot=/r/images/.tmp-f@1", "install", "x"]
 
 
 def test_nspawn_command() -> None:
     s = spec(architecture="i386")
-    assert imagebuild.nspawn_command(s, "tiny", Path("/r/images/.tmp-tiny@1"),
+    assert build.nspawn_command(s, "tiny", Path("/r/images/.tmp-tiny@1"),
                                      ["/bin/sh", "-c", "apt-get update"],
                                      Path("/r/package-cache/bookworm-i386")) == [
         "systemd-nspawn", "--quiet", "--register=no", "--settings=no", "--machine=tiny",
@@ -67,17 +69,17 @@ def test_nspawn_command() -> None:
         "--setenv=DEBIAN_FRONTEND=noninteractive",
         "--directory=/r/images/.tmp-tiny@1", "--", "/bin/sh", "-c", "apt-get update",
     ]
-    interactive = imagebuild.nspawn_command(None, "x", Path("/i"), [], None, interactive=True)
+    interactive = build.nspawn_command(None, "x", Path("/i"), [], None, interactive=True)
     assert "--console=pipe" not in interactive and interactive[-1] == "--"
 
 
 def test_package_cache_per_release_and_architecture(tmp_path: Path) -> None:
     cfg = Settings(root=tmp_path)
-    assert imagebuild.package_cache(cfg, spec(architecture="i386")) == \
+    assert build.package_cache(cfg, spec(architecture="i386")) == \
         tmp_path / "package-cache" / "bookworm-i386"
-    assert imagebuild.package_cache(Settings(root=tmp_path, package_cache="/c"),
+    assert build.package_cache(Settings(root=tmp_path, package_cache="/c"),
                                     spec(suite="sid", architecture="arm64")) == Path("/c/sid-arm64")
-    assert imagebuild.package_cache(cfg, spec(bootstrap="command", command=["{target}"])) is None
+    assert build.package_cache(cfg, spec(bootstrap="command", command=["{target}"])) is None
 
 
 def make_root(path: Path) -> Path:
@@ -92,11 +94,11 @@ def make_root(path: Path) -> Path:
 
 def test_verify(tmp_path: Path) -> None:
     root = make_root(tmp_path / "img")
-    imagebuild.verify(spec(), "tiny", root)
+    build.verify(spec(), "tiny", root)
     (root / "usr/bin/git").unlink()
     (root / "etc/ssl/certs/ca-certificates.crt").unlink()
     with pytest.raises(ImageBuildError, match="lacks git, CA certificates .* check setup"):
-        imagebuild.verify(spec(), "tiny", root)
+        build.verify(spec(), "tiny", root)
 
 
 def test_finalize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,16 +109,16 @@ def test_finalize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     outside.write_text("precious")
     (root / "etc/machine-id").symlink_to(outside)  # never written through
     (root / "etc/dpkg/dpkg.cfg.d").mkdir(parents=True)
-    (root / imagebuild.UNSAFE_IO).write_text("force-unsafe-io\n")
-    imagebuild.finalize("tiny", root, None)
+    (root / build.UNSAFE_IO).write_text("force-unsafe-io\n")
+    build.finalize("tiny", root, None)
     assert outside.read_text() == "precious"
     assert (root / "etc/machine-id").read_text() == ""
     assert (root / "etc/hostname").read_text() == "tiny\n"
-    assert not (root / imagebuild.UNSAFE_IO).exists()
+    assert not (root / build.UNSAFE_IO).exists()
     assert synced == [["sync", "--file-system", str(root)]]
-    imagebuild.finalize("tiny", root, None)
+    build.finalize("tiny", root, None)
     assert (root / "etc/hostname").read_text() == "tiny\n", "kept"
-    imagebuild.finalize("tiny", root, "ci")
+    build.finalize("tiny", root, "ci")
     assert (root / "etc/hostname").read_text() == "ci\n"
 
 
@@ -133,7 +135,7 @@ def test_prune_package_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
                                            "")
 
     monkeypatch.setattr(proc, "run", fake)
-    imagebuild.prune_package_cache(cache, tmp_path / "img")
+    build.prune_package_cache(cache, tmp_path / "img")
     assert sorted(p.name for p in cache.iterdir()) == [
         "bash_5.2-2_amd64.deb", "libcap2_1%3a2.66-4_amd64.deb", "lock", "other_1.0_all.deb"]
 
@@ -141,13 +143,13 @@ def test_prune_package_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_fetched_local_and_bad_scheme(tmp_path: Path) -> None:
     archive = tmp_path / "x.tar.zst"
     archive.write_bytes(b"x")
-    with imagebuild.fetched(str(archive), tmp_path, "x") as path:
+    with build.fetched(str(archive), tmp_path, "x") as path:
         assert path == archive
-    with imagebuild.fetched(f"file://{archive}", tmp_path, "x") as path:
+    with build.fetched(f"file://{archive}", tmp_path, "x") as path:
         assert path == archive
     with pytest.raises(ImageBuildError, match="does not exist"), \
-            imagebuild.fetched(str(tmp_path / "none"), tmp_path, "x"):
+            build.fetched(str(tmp_path / "none"), tmp_path, "x"):
         pass
     with pytest.raises(ImageBuildError, match="only http, https and file"), \
-            imagebuild.fetched("ftp://h/x.tar", tmp_path, "x"):
+            build.fetched("ftp://h/x.tar", tmp_path, "x"):
         pass

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from nspawn_runner import imagefile
-from nspawn_runner.imagefile import ImageFileError, ImageSpec
+from nspawn_runner.images import spec as image_file
+from nspawn_runner.images.spec import ImageFileError, ImageSpec
 from nspawn_runner.settings import Settings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "images"
@@ -13,7 +13,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "images"
 
 @pytest.fixture(autouse=True)
 def mmdebstrap_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("nspawn_runner.imagefile.shutil.which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr("nspawn_runner.images.spec.shutil.which", lambda name: f"/usr/bin/{name}")
 
 
 def settings(tmp_path: Path) -> Settings:
@@ -21,7 +21,7 @@ def settings(tmp_path: Path) -> Settings:
 
 
 def parse(data: dict[str, object], name: str = "img") -> ImageSpec:
-    return imagefile.parse(name, data, Path(f"/etc/nspawn-runner/images/{name}.toml"))
+    return image_file.parse(name, data, Path(f"/etc/nspawn-runner/images/{name}.toml"))
 
 
 def test_defaults() -> None:
@@ -34,7 +34,7 @@ def test_defaults() -> None:
 
 
 def test_debootstrap_when_mmdebstrap_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("nspawn_runner.imagefile.shutil.which", lambda name: None)
+    monkeypatch.setattr("nspawn_runner.images.spec.shutil.which", lambda name: None)
     assert parse({"suite": "bookworm"}).bootstrap == "debootstrap"
 
 
@@ -116,20 +116,20 @@ def test_recipe_changes_with_how_the_image_is_made_only() -> None:
 
 def test_load_save_and_overrides(tmp_path: Path) -> None:
     cfg = settings(tmp_path)
-    assert imagefile.load(cfg, "tiny") is None
-    over = imagefile.overrides(cfg, "tiny", ["less"], suite="sid", mirror=None)
+    assert image_file.load(cfg, "tiny") is None
+    over = image_file.overrides(cfg, "tiny", ["less"], suite="sid", mirror=None)
     assert over == {"suite": "sid", "packages": ["less"]}
-    spec = imagefile.load(cfg, "tiny", over)
+    spec = image_file.load(cfg, "tiny", over)
     assert spec is not None and spec.suite == "sid" and spec.file is None
-    path = imagefile.path_of(cfg, "tiny")
-    imagefile.save(path, over)
+    path = image_file.path_of(cfg, "tiny")
+    image_file.save(path, over)
     path.write_text(path.read_text() + "# my comment\nsetup = [\"true\"]\n")
-    imagefile.save(path, imagefile.overrides(cfg, "tiny", ["git"], suite="trixie"))
+    image_file.save(path, image_file.overrides(cfg, "tiny", ["git"], suite="trixie"))
     text = path.read_text()
     assert "# my comment" in text and 'suite = "trixie"' in text
-    loaded = imagefile.load(cfg, "tiny")
+    loaded = image_file.load(cfg, "tiny")
     assert loaded is not None and loaded.packages == ("less", "git") and loaded.file == path
-    assert imagefile.names(cfg) == ["tiny"]
+    assert image_file.names(cfg) == ["tiny"]
 
 
 def test_names_skip_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,21 +137,21 @@ def test_names_skip_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     cfg.images_config_dir.mkdir()
     (cfg.images_config_dir / "bad_name.toml").write_text("")
     (cfg.images_config_dir / "good.toml").write_text("")
-    assert imagefile.names(cfg) == ["good"]
+    assert image_file.names(cfg) == ["good"]
     assert "bad_name" in capsys.readouterr().err
 
 
 def test_invalid_toml(tmp_path: Path) -> None:
     cfg = settings(tmp_path)
     cfg.images_config_dir.mkdir()
-    imagefile.path_of(cfg, "x").write_text("suite = \n")
+    image_file.path_of(cfg, "x").write_text("suite = \n")
     with pytest.raises(ImageFileError, match="x.toml is not valid TOML"):
-        imagefile.load(cfg, "x")
+        image_file.load(cfg, "x")
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.name)
 def test_examples_are_valid(path: Path) -> None:
-    spec = imagefile.parse(path.stem, imagefile.read(path), path)
+    spec = image_file.parse(path.stem, image_file.read(path), path)
     if spec.playbook:
         assert spec.playbook.is_file()
     if spec.architecture == "i386":
@@ -159,7 +159,7 @@ def test_examples_are_valid(path: Path) -> None:
 
 
 def test_examples_cover_the_issue() -> None:
-    specs = {p.stem: imagefile.parse(p.stem, imagefile.read(p), p)
+    specs = {p.stem: image_file.parse(p.stem, image_file.read(p), p)
              for p in EXAMPLES.glob("*.toml")}
     assert specs["bookworm"].suite == "bookworm" and specs["sid"].suite == "sid"
     assert any("dist-upgrade" in c for c in specs["sid"].setup)

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from nspawn_runner import images
-from nspawn_runner.images import ImageError
+from nspawn_runner.images import names
+from nspawn_runner.images.names import ImageError
 from nspawn_runner.settings import Settings
 
 
@@ -21,7 +21,7 @@ from nspawn_runner.settings import Settings
     ],
 )
 def test_reference_mapping(ref: str, name: str) -> None:
-    assert images.name_from_reference(ref) == name
+    assert names.name_from_reference(ref) == name
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,7 @@ def test_reference_mapping(ref: str, name: str) -> None:
 )
 def test_invalid_references_are_refused(ref: str) -> None:
     with pytest.raises(ImageError, match="image"):
-        images.name_from_reference(ref)
+        names.name_from_reference(ref)
 
 
 def make_image(root: Path, name: str, init: bool = True) -> Path:
@@ -47,34 +47,34 @@ def test_resolve_order(tmp_path: Path) -> None:
     make_image(tmp_path, "b")
     make_image(tmp_path, "c")
     cfg = Settings(root=tmp_path, default_image="c")
-    assert images.resolve(cfg, "a", "b")[0] == "a"
-    assert images.resolve(cfg, "", "b")[0] == "b"
-    assert images.resolve(cfg, "", "")[0] == "c"
-    assert images.resolve(cfg, "   ", "")[0] == "c"  # an empty CI_JOB_IMAGE means unset
+    assert names.resolve(cfg, "a", "b")[0] == "a"
+    assert names.resolve(cfg, "", "b")[0] == "b"
+    assert names.resolve(cfg, "", "")[0] == "c"
+    assert names.resolve(cfg, "   ", "")[0] == "c"  # an empty CI_JOB_IMAGE means unset
 
 
 def test_missing_image_lists_available(tmp_path: Path) -> None:
     make_image(tmp_path, "bookworm")
     (tmp_path / "images" / ".#machine.bookworm1234").mkdir()
     with pytest.raises(ImageError, match=r"'sid' does not exist.*available: bookworm\)"):
-        images.resolve(Settings(root=tmp_path), "sid")
+        names.resolve(Settings(root=tmp_path), "sid")
 
 
 def test_no_image_at_all(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="no default image"):
-        images.resolve(Settings(root=tmp_path), "")
+        names.resolve(Settings(root=tmp_path), "")
 
 
 def test_allow_list(tmp_path: Path) -> None:
     make_image(tmp_path, "bookworm")
     make_image(tmp_path, "sid")
     cfg = Settings(root=tmp_path, allowed_images=("book*",))
-    assert images.resolve(cfg, "bookworm")[0] == "bookworm"
+    assert names.resolve(cfg, "bookworm")[0] == "bookworm"
     with pytest.raises(ImageError, match="'sid' is not allowed.*book\\*"):
-        images.resolve(cfg, "sid")
+        names.resolve(cfg, "sid")
 
 
 def test_image_without_init(tmp_path: Path) -> None:
     make_image(tmp_path, "empty", init=False)
     with pytest.raises(ImageError, match="no init"):
-        images.resolve(Settings(root=tmp_path), "empty")
+        names.resolve(Settings(root=tmp_path), "empty")

@@ -8,78 +8,82 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nspawn_runner import imageops, imagestore, state
+from nspawn_runner import layout
 from nspawn_runner.cli import app
 from nspawn_runner.errors import Cancelled, SystemFailure
+from nspawn_runner.executor import state
+from nspawn_runner.host import fs
+from nspawn_runner.images import commands, store
 from nspawn_runner.settings import Settings
 
 
 @pytest.fixture
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setattr(state, "RUNTIME_DIR", tmp_path / "run")
+    monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path / "run")
     (tmp_path / "run").mkdir()
     return Settings(root=tmp_path / "root", images_config_dir=tmp_path / "images.d")
 
 
 def version(cfg: Settings, name: str, content: str) -> Path:
-    path = imagestore.new_empty(cfg, name)
+    path = store.new_empty(cfg, name)
     (path / "version").write_text(content)
     return path
 
 
 def job_on(cfg: Settings, machine: str, image: str, path: Path | None) -> None:
     data = {"machine": machine, "image": image, "schema": 1,
-            "image_id": imagestore.image_id(path) if path else ""}
-    (state.RUNTIME_DIR / f"{machine}.json").write_text(json.dumps(data))
+            "image_id": store.image_id(path) if path else ""}
+    (layout.RUNTIME_DIR / f"{machine}.json").write_text(json.dumps(data))
 
 
 def test_new_versions_are_hidden_until_swapped_in(cfg: Settings) -> None:
-    from nspawn_runner import images
+    from nspawn_runner.images import names
 
     first = version(cfg, "tiny", "1")
     assert first.name.startswith(".tmp-tiny@") and oct(first.stat().st_mode)[-3:] == "755"
-    assert images.available(cfg) == []
-    assert imagestore.swap_in(cfg, "tiny", first) is None
-    assert images.available(cfg) == ["tiny"]
+    assert names.available(cfg) == []
+    assert store.swap_in(cfg, "tiny", first) is None
+    assert names.available(cfg) == ["tiny"]
     image = cfg.images_dir / "tiny"
-    booted = imagestore.image_id(image)
-    old = imagestore.swap_in(cfg, "tiny", version(cfg, "tiny", "2"))
+    booted = store.image_id(image)
+    old = store.swap_in(cfg, "tiny", version(cfg, "tiny", "2"))
     assert (image / "version").read_text() == "2"
     assert old is not None and old.name.startswith(".old-tiny@")
-    assert imagestore.image_id(old) == booted, "the same directory, renamed"
-    assert images.available(cfg) == ["tiny"]
+    assert store.image_id(old) == booted, "the same directory, renamed"
+    assert names.available(cfg) == ["tiny"]
 
 
 def test_old_versions_go_when_no_job_uses_them(cfg: Settings) -> None:
-    imagestore.swap_in(cfg, "tiny", version(cfg, "tiny", "1"))
+    store.swap_in(cfg, "tiny", version(cfg, "tiny", "1"))
     job_on(cfg, "nr-1-a", "tiny", cfg.images_dir / "tiny")
-    old = imagestore.swap_in(cfg, "tiny", version(cfg, "tiny", "2"))
+    old = store.swap_in(cfg, "tiny", version(cfg, "tiny", "2"))
     job_on(cfg, "nr-2-a", "tiny", cfg.images_dir / "tiny")  # the next job: new version
     assert old is not None
-    assert imagestore.prune_old_versions(cfg) == [] and old.exists()
-    assert imagestore.jobs_using("tiny") == ["nr-1-a", "nr-2-a"]
-    (state.RUNTIME_DIR / "nr-1-a.json").unlink()
-    assert imagestore.prune_old_versions(cfg) == [old] and not old.exists()
+    assert store.prune_old_versions(cfg, state.image_uses()) == [] and old.exists()
+    assert [u.machine for u in state.image_uses() if u.image == "tiny"] == ["nr-1-a", "nr-2-a"]
+    (layout.RUNTIME_DIR / "nr-1-a.json").unlink()
+    assert store.prune_old_versions(cfg, state.image_uses()) == [old] and not old.exists()
     assert (cfg.images_dir / "tiny" / "version").read_text() == "2"
 
 
 def test_state_without_image_id_keeps_every_old_version(cfg: Settings) -> None:
-    imagestore.swap_in(cfg, "tiny", version(cfg, "tiny", "1"))
-    old = imagestore.swap_in(cfg, "tiny", version(cfg, "tiny", "2"))
+    store.swap_in(cfg, "tiny", version(cfg, "tiny", "1"))
+    old = store.swap_in(cfg, "tiny", version(cfg, "tiny", "2"))
     job_on(cfg, "nr-1-a", "tiny", None)
-    assert imagestore.prune_old_versions(cfg) == [] and old is not None and old.exists()
+    assert store.prune_old_versions(cfg, state.image_uses()) == []
+    assert old is not None and old.exists()
 
 
 def test_leftovers_of_interrupted_operations(cfg: Settings) -> None:
     busy = version(cfg, "busy", "half")
     stale = version(cfg, "stale", "half")
-    with imagestore.lock(cfg, "busy", "chroot-create busy"):
-        with (pytest.raises(imagestore.ImageBusy, match="chroot-create busy .pid"),
-              imagestore.lock(cfg, "busy", "chroot-login busy")):
+    with store.lock(cfg, "busy", "chroot-create busy"):
+        with (pytest.raises(store.ImageBusy, match="chroot-create busy .pid"),
+              store.lock(cfg, "busy", "chroot-login busy")):
             pass
-        assert imagestore.prune_old_versions(cfg) == [stale]
+        assert store.prune_old_versions(cfg, state.image_uses()) == [stale]
         assert busy.exists()
-    assert imagestore.prune_old_versions(cfg) == [busy]
+    assert store.prune_old_versions(cfg, state.image_uses()) == [busy]
 
 
 def test_remove_tree_does_not_follow_links(cfg: Settings, tmp_path: Path) -> None:
@@ -88,75 +92,75 @@ def test_remove_tree_does_not_follow_links(cfg: Settings, tmp_path: Path) -> Non
     (outside / "keep").touch()
     tree = version(cfg, "x", "1")
     (tree / "link").symlink_to(outside)
-    imagestore.remove_tree(tree)
+    fs.remove_tree(tree)
     assert not tree.exists() and (outside / "keep").exists()
 
 
 def test_meta(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
-    imagestore.write_meta(tmp_path, created=1.0)
-    imagestore.write_meta(tmp_path, maintained=2.0)
-    assert imagestore.read_meta(tmp_path) == {"created": 1.0, "maintained": 2.0, "schema": 1}
+    store.write_meta(tmp_path, created=1.0)
+    store.write_meta(tmp_path, maintained=2.0)
+    assert store.read_meta(tmp_path) == {"created": 1.0, "maintained": 2.0, "schema": 1}
     link = tmp_path / "linked"
     (link / "etc").mkdir(parents=True)
     (link / "etc" / "nspawn-runner").symlink_to(tmp_path)
     with pytest.raises(SystemFailure, match="symlink"):
-        imagestore.write_meta(link, created=1.0)
+        store.write_meta(link, created=1.0)
 
 
 def test_maintenance_goes_on_after_a_failure(cfg: Settings,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    def one(settings: Settings, name: str) -> str:
+    def one(settings: Settings, name: str, in_use: object) -> str:
         if name == "bad":
             raise SystemFailure("setup command 'exit 3' failed with status 3\nmore")
         if name == "bug":
             raise KeyError("x")
         return "provisioned"
 
-    monkeypatch.setattr(imageops, "_maintain_one", one)
-    outcomes = imageops.maintenance(cfg, ["bad", "bug", "good"])
+    monkeypatch.setattr(commands, "_maintain_one", one)
+    outcomes = commands.maintenance(cfg, ["bad", "bug", "good"], state.image_uses)
     assert [(o.name, o.action, bool(o.error)) for o in outcomes] == [
         ("bad", "", True), ("bug", "", True), ("good", "provisioned", False)]
-    report = imageops.maintenance_report(outcomes).splitlines()
+    report = commands.maintenance_report(outcomes).splitlines()
     assert report[0].split() == ["IMAGE", "RESULT", "TIME"]
     assert report[1].split()[:2] == ["bad", "FAILED"] and report[1].endswith("status 3")
     assert report[3].split()[:2] == ["good", "provisioned"]
     with pytest.raises(SystemFailure, match="failed for 2 of 3 images: bad, bug"):
-        imageops.check_outcomes(outcomes)
+        commands.check_outcomes(outcomes)
 
 
 def test_maintenance_stops_when_cancelled(cfg: Settings,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    def one(settings: Settings, name: str) -> str:
+    def one(settings: Settings, name: str, in_use: object) -> str:
         raise Cancelled("SIGTERM")
 
-    monkeypatch.setattr(imageops, "_maintain_one", one)
+    monkeypatch.setattr(commands, "_maintain_one", one)
     with pytest.raises(Cancelled):
-        imageops.maintenance(cfg, ["a", "b"])
+        commands.maintenance(cfg, ["a", "b"], state.image_uses)
 
 
 def test_list(cfg: Settings) -> None:
-    imagestore.swap_in(cfg, "tiny", version(cfg, "tiny", "1"))
-    imagestore.write_meta(cfg.images_dir / "tiny", created=0.0, maintained=0.0)
+    store.swap_in(cfg, "tiny", version(cfg, "tiny", "1"))
+    store.write_meta(cfg.images_dir / "tiny", created=0.0, maintained=0.0)
     job_on(cfg, "nr-1-a", "tiny", cfg.images_dir / "tiny")
-    imagestore.swap_in(cfg, "tiny", version(cfg, "tiny", "2"))
+    store.swap_in(cfg, "tiny", version(cfg, "tiny", "2"))
     cfg.images_config_dir.mkdir()
     (cfg.images_config_dir / "planned.toml").write_text('suite = "sid"\n')
-    rows = {r["name"]: r for r in imageops.list_images(cfg)}
+    rows = {r["name"]: r for r in commands.list_images(cfg, state.image_uses)}
     assert rows["tiny"]["jobs"] == ["nr-1-a"] and rows["tiny"]["old_versions"] == 1
     assert rows["tiny"]["exists"] and rows["tiny"]["file"] is None
     assert rows["planned"]["exists"] is False and rows["planned"]["size"] is None
-    table = imageops.list_report(list(rows.values())).splitlines()
+    table = commands.list_report(list(rows.values())).splitlines()
     assert table[0].split() == ["NAME", "SIZE", "CREATED", "MAINTAINED", "BACKEND", "JOBS"]
     assert "(missing)" in table[1] and "1 (+1 old version)" in table[2]
 
 
 def test_remove_refuses_while_jobs_use_the_image(cfg: Settings) -> None:
-    imagestore.swap_in(cfg, "tiny", version(cfg, "tiny", "1"))
+    store.swap_in(cfg, "tiny", version(cfg, "tiny", "1"))
     job_on(cfg, "nr-1-a", "tiny", cfg.images_dir / "tiny")
-    with pytest.raises(imagestore.ImageBusy, match="used by 1 running job.*--force"):
-        imageops.remove(cfg, "tiny")
-    imageops.remove(cfg, "tiny", force=True)
+    with pytest.raises(store.ImageBusy, match="used by 1 running job.*--force"):
+        commands.remove(cfg, "tiny", state.image_uses)
+    commands.remove(cfg, "tiny", state.image_uses, force=True)
     assert not (cfg.images_dir / "tiny").exists()
     assert [p.name[:10] for p in cfg.images_dir.glob(".old-*")] == [".old-tiny@"], "in use"
 
@@ -171,7 +175,7 @@ def write_config(tmp_path: Path) -> Path:
 def test_cli_errors_are_system_failures(tmp_path: Path, cfg: Settings,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NSPAWN_RUNNER_CONFIG", str(write_config(tmp_path)))
-    monkeypatch.setattr("nspawn_runner.imagefile.shutil.which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr("nspawn_runner.images.spec.shutil.which", lambda name: f"/usr/bin/{name}")
     (tmp_path / "images.d" / "bad.toml").write_text('suite = "sid"\nvariant = "tiny"\n')
     result = CliRunner().invoke(app, ["chroot-create", "bad"])
     assert result.exit_code == 2
@@ -188,12 +192,12 @@ def test_cli_errors_are_system_failures(tmp_path: Path, cfg: Settings,
 def test_cli_maintenance_prints_the_summary_and_fails(tmp_path: Path, cfg: Settings,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NSPAWN_RUNNER_CONFIG", str(write_config(tmp_path)))
-    def one(settings: Settings, name: str) -> str:
+    def one(settings: Settings, name: str, in_use: object) -> str:
         if name == "b":
             raise SystemFailure("broken")
         return "created"
 
-    monkeypatch.setattr(imageops, "_maintain_one", one)
+    monkeypatch.setattr(commands, "_maintain_one", one)
     result = CliRunner().invoke(app, ["chroot-maintenance", "a", "b"])
     assert result.exit_code == 2
     rows = [line.split() for line in result.stdout.splitlines()]

@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from nspawn_runner import job, log
+from nspawn_runner import log
 from nspawn_runner.errors import SystemFailure
+from nspawn_runner.executor import identity
 
 
 def response(tmp_path: Path, **data: object) -> dict[str, str]:
@@ -24,26 +25,26 @@ def test_identity_from_response_file(tmp_path: Path) -> None:
                    variables=VARS)
     # Job variables the author controls do not change the identity.
     env |= {"CUSTOM_ENV_CI_JOB_ID": "1", "CUSTOM_ENV_CI_RUNNER_ID": "1"}
-    j = job.load(env)
+    j = identity.load(env)
     assert j.job_id == "1234"
     assert j.server == "gitlab.example.com"
     assert j.runner_id == "7"
     assert j.project_path == "g/sub/p"
-    assert job.is_machine_name(j.machine)
+    assert identity.is_machine_name(j.machine)
     assert j.machine.startswith("nr-1234-")
     assert j.unit == f"nspawn-runner-{j.machine}.service"
 
 
 def test_names_differ_across_runners_and_instances(tmp_path: Path) -> None:
-    a = job.Job("5", "gitlab.a", "1", "g/p", "")
-    assert a.machine != job.Job("5", "gitlab.b", "1", "g/p", "").machine
-    assert a.machine != job.Job("5", "gitlab.a", "2", "g/p", "").machine
-    assert a.machine == job.Job("5", "gitlab.a", "1", "other/p", "x").machine
+    a = identity.Job("5", "gitlab.a", "1", "g/p", "")
+    assert a.machine != identity.Job("5", "gitlab.b", "1", "g/p", "").machine
+    assert a.machine != identity.Job("5", "gitlab.a", "2", "g/p", "").machine
+    assert a.machine == identity.Job("5", "gitlab.a", "1", "other/p", "x").machine
     assert len(a.machine) <= 64
 
 
 def test_fallback_to_job_variables() -> None:
-    j = job.load({"CUSTOM_ENV_CI_JOB_ID": "42", "CUSTOM_ENV_CI_PROJECT_PATH": "g/p",
+    j = identity.load({"CUSTOM_ENV_CI_JOB_ID": "42", "CUSTOM_ENV_CI_PROJECT_PATH": "g/p",
                   "CUSTOM_ENV_CI_JOB_IMAGE": "debian:sid"})
     assert (j.job_id, j.project_path, j.image_ref) == ("42", "g/p", "debian:sid")
 
@@ -51,12 +52,12 @@ def test_fallback_to_job_variables() -> None:
 @pytest.mark.parametrize("job_id", ["", "abc", "1;2", "../1", "1" * 21])
 def test_invalid_job_id(job_id: str) -> None:
     with pytest.raises(SystemFailure, match="job id"):
-        job.load({"CUSTOM_ENV_CI_JOB_ID": job_id})
+        identity.load({"CUSTOM_ENV_CI_JOB_ID": job_id})
 
 
 def test_unreadable_response_file(tmp_path: Path) -> None:
     with pytest.raises(SystemFailure, match="job response file"):
-        job.load({"JOB_RESPONSE_FILE": str(tmp_path / "nope.json")})
+        identity.load({"JOB_RESPONSE_FILE": str(tmp_path / "nope.json")})
 
 
 @pytest.mark.parametrize(
@@ -65,7 +66,7 @@ def test_unreadable_response_file(tmp_path: Path) -> None:
      ("https://h/../etc", None), ("https://h/", None), ("https://h/g/p%2F..", None)],
 )
 def test_project_path(url: str, path: str | None) -> None:
-    assert job.project_path_from_url(url) == path
+    assert identity.project_path_from_url(url) == path
 
 
 def test_secrets_are_registered(tmp_path: Path) -> None:
@@ -73,7 +74,7 @@ def test_secrets_are_registered(tmp_path: Path) -> None:
                    variables=[{"key": "MY_PASSWORD", "value": "hunter2hunter2", "masked": True},
                               {"key": "DEPLOY_KEY", "value": "deploy-key-value"}])
     env["CUSTOM_ENV_CI_REGISTRY_PASSWORD"] = "registry-password"
-    job.load(env, secret_names=("DEPLOY_KEY",))
+    identity.load(env, secret_names=("DEPLOY_KEY",))
     text = log.mask("a the-job-token-value b hunter2hunter2 c registry-password d "
                     "deploy-key-value https://user:pw@host/x")
     for secret in ("the-job-token-value", "hunter2hunter2", "registry-password",

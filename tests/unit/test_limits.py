@@ -3,8 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from nspawn_runner import limits, settings, state
-from nspawn_runner.limits import Bind, LimitError, Limits
+from nspawn_runner import settings
+from nspawn_runner.executor import state
+from nspawn_runner.host import limits
+from nspawn_runner.host.limits import Bind, LimitError, Limits
 from nspawn_runner.settings import Settings, SettingsError
 
 ROOT = Path("/var/lib/nspawn-runner")

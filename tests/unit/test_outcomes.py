@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nspawn_runner import run_stage, state
+from nspawn_runner import layout
 from nspawn_runner.cli import app
-from nspawn_runner.errors import BuildFailure, Cancelled, CommandError, SystemFailure
-from nspawn_runner.main import finish
+from nspawn_runner.errors import BuildFailure, Cancelled, CommandError, SystemFailure, finish
+from nspawn_runner.executor import run as run_stage
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def test_run_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_run_without_prepare_is_a_system_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(state, "RUNTIME_DIR", tmp_path)
+    monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path)
     (tmp_path / "r.json").write_text(json.dumps({"id": 5}))
     monkeypatch.setenv("JOB_RESPONSE_FILE", str(tmp_path / "r.json"))
     script = tmp_path / "script"
@@ -92,7 +92,7 @@ def test_broken_pipe_is_not_an_error() -> None:
 
     # A reader that went away (`nspawn-runner settings | head`): exit 0, no traceback, and the
     # interpreter's final flush must not fail either (it writes into a closed pipe here).
-    code = ("import sys; from nspawn_runner.main import finish; print('x' * 100000); "
+    code = ("import sys; from nspawn_runner.errors import finish; print('x' * 100000); "
             "sys.exit(finish(BrokenPipeError()))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == ""

@@ -1,13 +1,13 @@
 import tomlkit
 from typer.testing import CliRunner
 
-from nspawn_runner import toml_block
 from nspawn_runner.cli import app
+from nspawn_runner.gitlab import block
 from nspawn_runner.settings import Settings
 
 
 def test_block_parses_back() -> None:
-    text = toml_block.render(Settings(boot_timeout=100, stop_timeout=5), "bookworm", "r1",
+    text = block.render(Settings(boot_timeout=100, stop_timeout=5), "bookworm", "r1",
                              exe=["/usr/local/bin/nspawn-runner"])
     doc = tomlkit.parse(text).unwrap()
     (runner,) = doc["runners"]
@@ -26,7 +26,7 @@ def test_block_parses_back() -> None:
 
 
 def test_python_m_invocation() -> None:
-    text = toml_block.render(Settings(), exe=["/usr/bin/python3", "-m", "nspawn_runner"])
+    text = block.render(Settings(), exe=["/usr/bin/python3", "-m", "nspawn_runner"])
     custom = tomlkit.parse(text).unwrap()["runners"][0]["custom"]
     assert custom["run_exec"] == "/usr/bin/python3"
     assert custom["run_args"] == ["-m", "nspawn_runner", "run"]
@@ -43,7 +43,7 @@ def test_example_config_matches_the_generated_block() -> None:
 
     example = tomlkit.parse(
         (Path(__file__).resolve().parents[2] / "examples" / "config.toml").read_text()).unwrap()
-    generated = tomlkit.parse(toml_block.render(
+    generated = tomlkit.parse(block.render(
         Settings(), "bookworm", exe=["/usr/local/bin/nspawn-runner"])).unwrap()
     (ex,), (gen,) = example["runners"], generated["runners"]
     assert ex["custom"] == gen["custom"]

@@ -9,11 +9,12 @@ import pytest
 import tomlkit
 from typer.testing import CliRunner
 
-from nspawn_runner import toml_block, toml_merge
 from nspawn_runner.cli import app
 from nspawn_runner.errors import SystemFailure
+from nspawn_runner.gitlab import block as runner_block
+from nspawn_runner.gitlab import merge as runner_merge
+from nspawn_runner.gitlab.merge import MergeError
 from nspawn_runner.settings import Settings
-from nspawn_runner.toml_merge import MergeError
 
 EXE = "/usr/local/bin/nspawn-runner"
 OTHER_RUNNER = '''[[runners]]
@@ -61,7 +62,7 @@ CONFIG = HEAD + OURS
 
 
 def block(name: str = "", default_image: str = "bookworm", exe: str = EXE) -> tomlkit.items.Table:
-    return toml_block.runner_table(Settings(), default_image, name, exe=[exe])
+    return runner_block.runner_table(Settings(), default_image, name, exe=[exe])
 
 
 def write(tmp_path: Path, text: str = CONFIG) -> Path:
@@ -76,7 +77,7 @@ def runners(text: str) -> list[dict[str, object]]:
 
 def test_updates_the_registered_block_in_place(tmp_path: Path) -> None:
     path = write(tmp_path)
-    result = toml_merge.merge_file(path, block())
+    result = runner_merge.merge_file(path, block())
     assert result.action == "updated" and result.runner == "nspawn on build-1"
     text = path.read_text()
     # Everything before our block is byte for byte what it was: other runner, comments.
@@ -94,7 +95,7 @@ def test_updates_the_registered_block_in_place(tmp_path: Path) -> None:
     assert isinstance(custom, dict)
     assert custom["run_args"] == ["run"]
     assert custom["prepare_args"] == ["prepare", "--default-image", "bookworm"]
-    assert custom["graceful_kill_timeout"] == toml_block.GRACEFUL_KILL_TIMEOUT
+    assert custom["graceful_kill_timeout"] == runner_block.GRACEFUL_KILL_TIMEOUT
     for stage in ("config", "prepare", "run", "cleanup"):
         assert custom[f"{stage}_exec"] == EXE
     assert '  token = "glrt-nspawn-token"  # do not share\n' in text
@@ -106,18 +107,18 @@ def test_updates_the_registered_block_in_place(tmp_path: Path) -> None:
 
 def test_second_merge_changes_nothing(tmp_path: Path) -> None:
     path = write(tmp_path)
-    toml_merge.merge_file(path, block())
+    runner_merge.merge_file(path, block())
     before = path.read_bytes()
-    result = toml_merge.merge_file(path, block())
+    result = runner_merge.merge_file(path, block())
     assert result.action == "unchanged" and not result.changed and result.diff() == ""
     assert path.read_bytes() == before
 
 
 def test_changed_setting_updates_only_that_value(tmp_path: Path) -> None:
     path = write(tmp_path)
-    toml_merge.merge_file(path, block(default_image="bookworm"))
+    runner_merge.merge_file(path, block(default_image="bookworm"))
     first = path.read_text()
-    result = toml_merge.merge_file(path, block(default_image="trixie"))
+    result = runner_merge.merge_file(path, block(default_image="trixie"))
     assert result.action == "updated"
     changed = [line for line in result.diff().splitlines()
                if line[:1] in "+-" and line[:3] not in ("+++", "---")]
@@ -129,7 +130,7 @@ def test_changed_setting_updates_only_that_value(tmp_path: Path) -> None:
 def test_name_picks_the_block(tmp_path: Path) -> None:
     second = OURS.replace("nspawn on build-1", "nspawn two").replace("glrt-nspawn-token", "t2")
     path = write(tmp_path, CONFIG + second)
-    result = toml_merge.merge_file(path, block("nspawn two"), "nspawn two")
+    result = runner_merge.merge_file(path, block("nspawn two"), "nspawn two")
     assert result.runner == "nspawn two"
     first, two = runners(path.read_text())[1:]
     assert first == runners(CONFIG)[1]  # the other nspawn-runner block is untouched
@@ -140,13 +141,13 @@ def test_several_candidates_without_name_are_refused(tmp_path: Path) -> None:
     path = write(tmp_path, CONFIG + OURS.replace("nspawn on build-1", "nspawn two"))
     before = path.read_bytes()
     with pytest.raises(MergeError, match=r"2 runners whose run_exec is nspawn-runner.*--name"):
-        toml_merge.merge_file(path, block())
+        runner_merge.merge_file(path, block())
     assert path.read_bytes() == before
 
 
 def test_unknown_name_adds_a_block(tmp_path: Path) -> None:
     path = write(tmp_path)
-    result = toml_merge.merge_file(path, block("new one"), "new one")
+    result = runner_merge.merge_file(path, block("new one"), "new one")
     assert result.action == "added" and "placeholder url and token" in result.summary()
     text = path.read_text()
     assert text.startswith(CONFIG + "\n[[runners]]\n")  # after a blank line, nothing else moved
@@ -157,18 +158,18 @@ def test_unknown_name_adds_a_block(tmp_path: Path) -> None:
 
 def test_no_block_of_ours_adds_one(tmp_path: Path) -> None:
     path = write(tmp_path, HEAD)
-    result = toml_merge.merge_file(path, block())
+    result = runner_merge.merge_file(path, block())
     assert result.action == "added"
     assert len(runners(path.read_text())) == 2
 
 
 def test_file_without_runners(tmp_path: Path) -> None:
     path = write(tmp_path, "concurrent = 2\n")
-    toml_merge.merge_file(path, block("r"), "r")
+    runner_merge.merge_file(path, block("r"), "r")
     doc = tomlkit.parse(path.read_text()).unwrap()
     assert doc["concurrent"] == 2 and doc["runners"][0]["name"] == "r"
     path = write(tmp_path, "")
-    toml_merge.merge_file(path, block("r"), "r")
+    runner_merge.merge_file(path, block("r"), "r")
     assert runners(path.read_text())[0]["name"] == "r"
 
 
@@ -177,14 +178,14 @@ def test_python_m_installation_is_recognised(tmp_path: Path) -> None:
                                'run_exec = "/usr/bin/python3"').replace(
         'run_args = ["old"]', 'run_args = ["-m", "nspawn_runner", "run"]')
     path = write(tmp_path, text)
-    assert toml_merge.merge_file(path, block()).action == "updated"
+    assert runner_merge.merge_file(path, block()).action == "updated"
     assert len(runners(path.read_text())) == 2
 
 
 def test_other_executor_named_is_switched_with_a_warning(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path)
-    toml_merge.merge_file(path, block("docker-builder"), "docker-builder")
+    runner_merge.merge_file(path, block("docker-builder"), "docker-builder")
     docker = runners(path.read_text())[0]
     assert docker["executor"] == "custom" and docker["token"] == "glrt-docker-token"
     assert "'docker' executor" in capsys.readouterr().err
@@ -193,7 +194,7 @@ def test_other_executor_named_is_switched_with_a_warning(
 def test_dry_run_shows_a_diff_and_writes_nothing(tmp_path: Path) -> None:
     path = write(tmp_path)
     before = path.read_bytes()
-    result = toml_merge.merge_file(path, block(), dry_run=True)
+    result = runner_merge.merge_file(path, block(), dry_run=True)
     assert path.read_bytes() == before
     diff = result.diff()
     assert diff.startswith(f"--- {path}\n+++ {path} (merged)\n")
@@ -207,7 +208,7 @@ def test_dry_run_shows_a_diff_and_writes_nothing(tmp_path: Path) -> None:
 def test_refusals_leave_the_file_unchanged(tmp_path: Path, text: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(MergeError, match=str(path)):
-        toml_merge.merge_file(path, block("x"), "x")
+        runner_merge.merge_file(path, block("x"), "x")
     assert path.read_bytes() == text.encode()
 
 
@@ -215,7 +216,7 @@ def test_invalid_toml_names_file_and_parse_error(tmp_path: Path) -> None:
     path = write(tmp_path, CONFIG + "oops = \n")
     with pytest.raises(MergeError,
                        match=r"config.toml is not valid TOML \(.*line 37 col 7\).*nothing"):
-        toml_merge.merge_file(path, block())
+        runner_merge.merge_file(path, block())
     assert path.read_text() == CONFIG + "oops = \n"
     assert [p.name for p in tmp_path.iterdir()] == ["config.toml"]
 
@@ -223,14 +224,14 @@ def test_invalid_toml_names_file_and_parse_error(tmp_path: Path) -> None:
 def test_missing_file_says_how_to_create_it(tmp_path: Path) -> None:
     with pytest.raises(MergeError, match=r"does not exist: register the runner first.*"
                        r"--custom-run-exec /usr/local/bin/nspawn-runner.*nspawn-runner toml >"):
-        toml_merge.merge_file(tmp_path / "config.toml", block())
+        runner_merge.merge_file(tmp_path / "config.toml", block())
     assert not (tmp_path / "config.toml").exists()
 
 
 def test_mode_kept_and_no_temporary_file_left(tmp_path: Path) -> None:
     path = write(tmp_path)
     path.chmod(0o600)
-    toml_merge.merge_file(path, block())
+    runner_merge.merge_file(path, block())
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["config.toml"]
 
@@ -239,7 +240,7 @@ def test_mode_kept_and_no_temporary_file_left(tmp_path: Path) -> None:
 def test_owner_kept(tmp_path: Path) -> None:
     path = write(tmp_path)
     os.chown(path, 1234, 5678)
-    toml_merge.merge_file(path, block())
+    runner_merge.merge_file(path, block())
     st = path.stat()
     assert (st.st_uid, st.st_gid) == (1234, 5678)
 
@@ -248,7 +249,7 @@ def test_symlink_stays_a_symlink(tmp_path: Path) -> None:
     real = write(tmp_path)
     link = tmp_path / "link.toml"
     link.symlink_to(real.name)
-    toml_merge.merge_file(link, block())
+    runner_merge.merge_file(link, block())
     assert link.is_symlink() and "builds_dir" in real.read_text()
 
 
@@ -261,7 +262,7 @@ def test_write_failure_is_a_system_failure(tmp_path: Path,
 
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(SystemFailure, match="cannot write .*config.toml: Permission denied"):
-        toml_merge.merge_file(path, block())
+        runner_merge.merge_file(path, block())
     assert path.read_text() == CONFIG
     assert [p.name for p in tmp_path.iterdir()] == ["config.toml"]
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nspawn_runner import backends, dbus, log, proc, state
-from nspawn_runner.backends import Backend
+from nspawn_runner import layout, log, proc
 from nspawn_runner.errors import CommandError, SystemFailure
-
-GITLAB_RUNNER_INSIDE = "/usr/local/bin/gitlab-runner"
+from nspawn_runner.host import backends, fs, machined
+from nspawn_runner.host.backends import Backend
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class BootSpec:
     @property
     def overlay(self) -> Path | None:
         if self.backend is Backend.OVERLAY:
-            return backends.overlay_dir(self.root, self.machine)
+            return layout.overlay_dir(self.root, self.machine)
         return None
 
 
@@ -143,8 +141,7 @@ def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int) -
     if result.returncode not in (0, 5):
         raise CommandError(["systemctl", "stop", unit], result.returncode, result.stderr)
     proc.run(["systemctl", "reset-failed", unit], check=False)
-    dbus.wait_gone(machine, timeout=10)
+    machined.wait_gone(machine, timeout=10)
     if overlay is not None and overlay.exists():
-        shutil.rmtree(overlay)
-    state.remove(machine)
+        fs.remove_tree(overlay)
 

@@ -1,6 +1,6 @@
 """The image commands: chroot-create, chroot-login, chroot-maintenance, chroot-list,
 chroot-remove, chroot-export and chroot-import. Each makes a new version aside and swaps it in
-(imagestore), so jobs never see a half-made image and keep the version they booted."""
+(images/store.py), so jobs never see a half-made image and keep the version they booted."""
 
 from __future__ import annotations
 
@@ -13,19 +13,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from nspawn_runner import backends, imagebuild, imagefile, images, imagestore, log, proc
+from nspawn_runner import log, proc, table
 from nspawn_runner.errors import Cancelled, NspawnRunnerError, SystemFailure
-from nspawn_runner.imagefile import ImageSpec
+from nspawn_runner.host import backends, fs
+from nspawn_runner.images import build, names, store
+from nspawn_runner.images import spec as image_file
+from nspawn_runner.images.spec import ImageSpec
+from nspawn_runner.images.store import InUse
 from nspawn_runner.progress import Step, run_tool, wait
 from nspawn_runner.settings import Settings
 
 
 def _spec(settings: Settings, name: str,
           overrides: Mapping[str, object] | None = None) -> ImageSpec:
-    spec = imagefile.load(settings, name, overrides)
+    spec = image_file.load(settings, name, overrides)
     if spec is None:
-        raise imagefile.ImageFileError(
-            f"image {name!r} has no image file {imagefile.path_of(settings, name)}: write one "
+        raise image_file.ImageFileError(
+            f"image {name!r} has no image file {image_file.path_of(settings, name)}: write one "
             "(see docs/images.md and examples/images/), or give at least --suite")
     return spec
 
@@ -38,54 +42,54 @@ def _aside(path: Path) -> Iterator[Path]:
         yield path
     except BaseException:
         try:
-            imagestore.remove_tree(path)
+            fs.remove_tree(path)
         except Exception as e:  # keep the original error; prune_old_versions retries later
             log.warn(f"could not remove {path}: {e}")
         raise
 
 
-def _swap(settings: Settings, name: str, new: Path) -> None:
-    old = imagestore.swap_in(settings, name, new)
-    imagestore.prune_old_versions(settings)
+def _swap(settings: Settings, name: str, new: Path, in_use: InUse) -> None:
+    old = store.swap_in(settings, name, new)
+    store.prune_old_versions(settings, in_use())
     if old is not None and os.path.lexists(old):
         log.info(f"the previous version of {name!r} stays in {old} until its jobs end")
 
 
 def _build(settings: Settings, spec: ImageSpec) -> Path:
     """A complete new version of `spec`'s image, made aside."""
-    with _aside(imagestore.new_empty(settings, spec.name)) as new:
-        imagebuild.bootstrap(settings, spec, new)
-        imagebuild.provision(settings, spec, new)
-        imagebuild.finalize(spec.name, new, spec.hostname or spec.name)
-        imagebuild.verify(spec, spec.name, new)
+    with _aside(store.new_empty(settings, spec.name)) as new:
+        build.bootstrap(settings, spec, new)
+        build.provision(settings, spec, new)
+        build.finalize(spec.name, new, spec.hostname or spec.name)
+        build.verify(spec, spec.name, new)
         now = time.time()
-        imagestore.write_meta(new, name=spec.name, created=now, maintained=now,
+        store.write_meta(new, name=spec.name, created=now, maintained=now,
                               recipe=spec.recipe(), bootstrap=spec.bootstrap,
-                              suite=spec.suite, architecture=imagebuild.architecture(spec)
+                              suite=spec.suite, architecture=build.architecture(spec)
                               if spec.debian else spec.architecture)
     return new
 
 
 def _reprovision(settings: Settings, spec: ImageSpec) -> Path:
     """A copy of the current version with the file's provisioning run again."""
-    with _aside(imagestore.new_copy(settings, spec.name)) as new:
-        imagebuild.provision(settings, spec, new)
-        imagebuild.finalize(spec.name, new, spec.hostname or spec.name)
-        imagebuild.verify(spec, spec.name, new)
-        imagestore.write_meta(new, maintained=time.time())
+    with _aside(store.new_copy(settings, spec.name)) as new:
+        build.provision(settings, spec, new)
+        build.finalize(spec.name, new, spec.hostname or spec.name)
+        build.verify(spec, spec.name, new)
+        store.write_meta(new, maintained=time.time())
     return new
 
 
-def create(settings: Settings, name: str, overrides: Mapping[str, object] | None = None,
-           save: bool = False) -> None:
+def create(settings: Settings, name: str, in_use: InUse,
+           overrides: Mapping[str, object] | None = None, save: bool = False) -> None:
     """Build image `name` from its file (with `overrides`) and put it in place."""
     start = time.monotonic()
     spec = _spec(settings, name, overrides)
-    with imagestore.lock(settings, name, f"chroot-create {name}"):
-        _swap(settings, name, _build(settings, spec))
-    path = imagefile.path_of(settings, name)
+    with store.lock(settings, name, f"chroot-create {name}"):
+        _swap(settings, name, _build(settings, spec), in_use)
+    path = image_file.path_of(settings, name)
     if overrides and (save or not path.exists()):
-        imagefile.save(path, overrides)
+        image_file.save(path, overrides)
         log.info(f"wrote {path}")
     log.info(f"image {name!r} ready in {time.monotonic() - start:.1f}s")
 
@@ -98,42 +102,42 @@ class Outcome:
     seconds: float = 0.0
 
 
-def _maintain_one(settings: Settings, name: str) -> str:
+def _maintain_one(settings: Settings, name: str, in_use: InUse) -> str:
     spec = _spec(settings, name)
-    with imagestore.lock(settings, name, f"chroot-maintenance {name}"):
-        path = imagestore.image_path(settings, name)
+    with store.lock(settings, name, f"chroot-maintenance {name}"):
+        path = store.image_path(settings, name)
         if not path.is_dir():
-            _swap(settings, name, _build(settings, spec))
+            _swap(settings, name, _build(settings, spec), in_use)
             return "created"
-        meta = imagestore.read_meta(path)
+        meta = store.read_meta(path)
         created = meta.get("created")
         if spec.recreate_after and (not isinstance(created, int | float)
                                     or time.time() - created > spec.recreate_after):
-            _swap(settings, name, _build(settings, spec))
+            _swap(settings, name, _build(settings, spec), in_use)
             return f"recreated (older than {_duration(spec.recreate_after)})"
         if meta.get("recipe") not in (None, spec.recipe()):
-            _swap(settings, name, _build(settings, spec))
+            _swap(settings, name, _build(settings, spec), in_use)
             return "recreated (file changed)"
         if not spec.provisioned:
             return "up to date (nothing to run)"
-        _swap(settings, name, _reprovision(settings, spec))
+        _swap(settings, name, _reprovision(settings, spec), in_use)
         return "provisioned"
 
 
-def maintenance(settings: Settings, names: Sequence[str]) -> list[Outcome]:
+def maintenance(settings: Settings, names: Sequence[str], in_use: InUse) -> list[Outcome]:
     """Bring every image with a file (or the named ones) up to date. One failing image does
     not stop the others; the summary says which failed."""
-    todo = list(names) or imagefile.names(settings)
+    todo = list(names) or image_file.names(settings)
     if not todo:
         log.info(f"no image files in {settings.images_config_dir}: nothing to maintain")
-    imagestore.prune_old_versions(settings)
+    store.prune_old_versions(settings, in_use())
     outcomes = []
     for name in todo:
         outcome = Outcome(name)
         start = time.monotonic()
         log.info(f"== {name}")
         try:
-            outcome.action = _maintain_one(settings, name)
+            outcome.action = _maintain_one(settings, name, in_use)
         except Cancelled:
             raise
         except NspawnRunnerError as e:
@@ -152,7 +156,7 @@ def maintenance_report(outcomes: Sequence[Outcome]) -> str:
     for o in outcomes:
         rows.append((o.name, "FAILED" if o.error else o.action, f"{o.seconds:.1f}s",
                      _first_line(o.error)))
-    return _table(rows)
+    return table.render(rows)
 
 
 def check_outcomes(outcomes: Sequence[Outcome]) -> None:
@@ -162,114 +166,114 @@ def check_outcomes(outcomes: Sequence[Outcome]) -> None:
                             f"{', '.join(failed)} (their previous versions are unchanged)")
 
 
-def login(settings: Settings, name: str, command: Sequence[str]) -> None:
+def login(settings: Settings, name: str, command: Sequence[str], in_use: InUse) -> None:
     """A root shell (or `command`) in a copy of image `name`; the copy replaces the image if
     it exits with status 0 and is discarded otherwise."""
-    spec = imagefile.load(settings, name)
-    cache = imagebuild.package_cache(settings, spec) if spec else None
+    spec = image_file.load(settings, name)
+    cache = build.package_cache(settings, spec) if spec else None
     interactive = not command and sys.stdin.isatty() and sys.stdout.isatty()
-    with imagestore.lock(settings, name, f"chroot-login {name}"):
+    with store.lock(settings, name, f"chroot-login {name}"):
         if cache:
             cache.mkdir(parents=True, exist_ok=True)
-        with _aside(imagestore.new_copy(settings, name)) as copy:
+        with _aside(store.new_copy(settings, name)) as copy:
             log.info(f"chroot-login: changes go to a copy of {name!r}; they replace the image "
                      "when the shell exits with status 0, otherwise they are discarded")
-            argv = imagebuild.nspawn_command(spec, name, copy, command, cache, interactive)
+            argv = build.nspawn_command(spec, name, copy, command, cache, interactive)
             code = wait(proc.spawn(argv, stdin=None))
             if code != 0:
                 raise SystemFailure(f"chroot-login: the shell exited with status {code}: the "
                                     f"changes were discarded, image {name!r} is unchanged")
-            imagebuild.finalize(name, copy, None)
-            imagebuild.verify(spec, name, copy)
-            imagestore.write_meta(copy, maintained=time.time())
-        _swap(settings, name, copy)
+            build.finalize(name, copy, None)
+            build.verify(spec, name, copy)
+            store.write_meta(copy, maintained=time.time())
+        _swap(settings, name, copy, in_use)
     log.info(f"chroot-login: image {name!r} updated")
 
 
-def remove(settings: Settings, name: str, force: bool = False) -> None:
-    with imagestore.lock(settings, name, f"chroot-remove {name}"):
-        path = imagestore.image_path(settings, name)
+def remove(settings: Settings, name: str, in_use: InUse, force: bool = False) -> None:
+    with store.lock(settings, name, f"chroot-remove {name}"):
+        path = store.image_path(settings, name)
         if not path.is_dir():
-            raise images.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
+            raise names.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
                                 "`nspawn-runner chroot-list` shows the images there are")
-        users = imagestore.jobs_using(name)
+        users = [u.machine for u in in_use() if u.image == name]
         if users and not force:
-            raise imagestore.ImageBusy(
+            raise store.ImageBusy(
                 f"image {name!r} is used by {len(users)} running job(s) ({', '.join(users)}); "
                 "retry when they have ended, or use --force (they keep running on it)")
-        os.rename(path, path.with_name(f"{imagestore.OLD_PREFIX}{name}@{int(time.time())}-rm"))
-        imagestore.prune_old_versions(settings)
+        os.rename(path, path.with_name(f"{store.OLD_PREFIX}{name}@{int(time.time())}-rm"))
+        store.prune_old_versions(settings, in_use())
     log.info(f"image {name!r} removed")
-    if imagefile.path_of(settings, name).exists():
-        log.info(f"its file {imagefile.path_of(settings, name)} remains: chroot-maintenance "
+    if image_file.path_of(settings, name).exists():
+        log.info(f"its file {image_file.path_of(settings, name)} remains: chroot-maintenance "
                  "creates the image again unless you delete it")
 
 
 def export(settings: Settings, name: str, dest: Path) -> None:
     """Image `name` as one zstd tarball with ownership, permissions, ACLs and xattrs."""
-    path = imagestore.image_path(settings, name)
+    path = store.image_path(settings, name)
     if not path.is_dir():
-        raise images.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
+        raise names.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
                                 "`nspawn-runner chroot-list` shows the images there are")
     dest = dest.absolute()
     partial = dest.with_name(f".{dest.name}.partial")
-    with imagestore.lock(settings, name, f"chroot-export {name}"), Step(f"export to {dest}"):
+    with store.lock(settings, name, f"chroot-export {name}"), Step(f"export to {dest}"):
         try:
             # The compressor is a fixed string (tar runs it through the shell).
             run_tool(["tar", "--create", f"--file={partial}", "--use-compress-program=zstd -T0",
-                      f"--directory={path}", *imagebuild.TAR_METADATA, "."])
+                      f"--directory={path}", *build.TAR_METADATA, "."])
             os.replace(partial, dest)
         finally:
             partial.unlink(missing_ok=True)
 
 
-def import_(settings: Settings, name: str, source: str) -> None:
+def import_(settings: Settings, name: str, source: str, in_use: InUse) -> None:
     """Image `name` from a tarball (path or URL): unpacked aside, checked to be complete and to
     run, and only then swapped in."""
-    images.validate_name(name)
+    names.validate_name(name)
     start = time.monotonic()
-    spec = imagefile.load(settings, name)
-    with imagestore.lock(settings, name, f"chroot-import {name}"):
-        with _aside(imagestore.new_empty(settings, name)) as new:
-            with (imagebuild.fetched(source, settings.images_dir, name) as archive,
+    spec = image_file.load(settings, name)
+    with store.lock(settings, name, f"chroot-import {name}"):
+        with _aside(store.new_empty(settings, name)) as new:
+            with (build.fetched(source, settings.images_dir, name) as archive,
                   Step(f"unpack {source}")):
-                imagebuild.extract(archive, new)
+                build.extract(archive, new)
             with Step("check that it is a complete image and runs"):
-                imagebuild.verify(None, name, new)
-                run_tool(imagebuild.nspawn_command(spec, name, new, ["/bin/true"]))
-            imagebuild.finalize(name, new, None)
-            imagestore.write_meta(new, name=name, imported=time.time(), imported_from=source)
-        _swap(settings, name, new)
+                build.verify(None, name, new)
+                run_tool(build.nspawn_command(spec, name, new, ["/bin/true"]))
+            build.finalize(name, new, None)
+            store.write_meta(new, name=name, imported=time.time(), imported_from=source)
+        _swap(settings, name, new, in_use)
     log.info(f"image {name!r} imported in {time.monotonic() - start:.1f}s")
 
 
-def list_images(settings: Settings) -> list[dict[str, object]]:
-    on_disk = set(images.available(settings))
+def list_images(settings: Settings, in_use: InUse) -> list[dict[str, object]]:
+    on_disk = set(names.available(settings))
     backend = backends.choose(settings.backend, settings.root).value \
         if settings.images_dir.is_dir() else ""
     old: dict[str, int] = {}
     if settings.images_dir.is_dir():
         for entry in settings.images_dir.iterdir():
-            if entry.name.startswith(imagestore.OLD_PREFIX):
-                owner = entry.name[len(imagestore.OLD_PREFIX):].rpartition("@")[0]
+            if entry.name.startswith(store.OLD_PREFIX):
+                owner = entry.name[len(store.OLD_PREFIX):].rpartition("@")[0]
                 old[owner] = old.get(owner, 0) + 1
-    uses = imagestore.uses()
+    uses = in_use()
     rows: list[dict[str, object]] = []
-    for name in sorted(on_disk | set(imagefile.names(settings))):
+    for name in sorted(on_disk | set(image_file.names(settings))):
         path = settings.images_dir / name
-        meta = imagestore.read_meta(path) if name in on_disk else {}
-        file = imagefile.path_of(settings, name)
+        meta = store.read_meta(path) if name in on_disk else {}
+        file = image_file.path_of(settings, name)
         rows.append({
             "name": name,
             "exists": name in on_disk,
             "path": str(path),
             "file": str(file) if file.exists() else None,
-            "size": imagestore.size(path) if name in on_disk else None,
+            "size": store.size(path) if name in on_disk else None,
             "created": _iso(meta.get("created")),
             "maintained": _iso(meta.get("maintained")),
             "imported": _iso(meta.get("imported")),
             "backend": backend if name in on_disk else None,
-            "subvolume": imagestore.is_subvolume(path) if name in on_disk else None,
+            "subvolume": fs.is_subvolume(path) if name in on_disk else None,
             "jobs": [u.machine for u in uses if u.image == name],
             "old_versions": old.get(name, 0),
         })
@@ -277,12 +281,12 @@ def list_images(settings: Settings) -> list[dict[str, object]]:
 
 
 def list_report(rows: Sequence[Mapping[str, object]]) -> str:
-    table = [("NAME", "SIZE", "CREATED", "MAINTAINED", "BACKEND", "JOBS")]
+    lines = [("NAME", "SIZE", "CREATED", "MAINTAINED", "BACKEND", "JOBS")]
     for r in rows:
         jobs = r["jobs"]
         assert isinstance(jobs, list)
         old = int(str(r["old_versions"]))
-        table.append((
+        lines.append((
             str(r["name"]),
             _size(r["size"]) if r["exists"] else "(missing)",
             _short_time(r["created"] or r["imported"]),
@@ -290,7 +294,7 @@ def list_report(rows: Sequence[Mapping[str, object]]) -> str:
             str(r["backend"] or "-"),
             str(len(jobs)) + (f" (+{old} old version{'s' if old > 1 else ''})" if old else ""),
         ))
-    return _table(table)
+    return table.render(lines)
 
 
 def _duration(seconds: int) -> str:
@@ -324,8 +328,3 @@ def _size(value: object) -> str:
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows) + "\n"

@@ -6,7 +6,7 @@ with `<images>/NAME` by renameat2(RENAME_EXCHANGE): a job's prepare always finds
 image at that path, old or new. The old version becomes `<images>/.old-NAME@<time>-XXXX` and
 is removed once no job's state file says it booted from it (a booted overlay or volatile
 machine keeps using the directory it mounted). Names starting with '.' are never images
-(images.available, images.resolve). Operations on one image take `<images>/.lock-NAME`."""
+(names.available, names.resolve). Operations on one image take `<images>/.lock-NAME`."""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from nspawn_runner import backends, images, log, proc, state
+from nspawn_runner import log, proc
 from nspawn_runner.errors import SystemFailure
+from nspawn_runner.host import fs
+from nspawn_runner.images import names
 from nspawn_runner.settings import Settings
 
 TMP_PREFIX = ".tmp-"
@@ -32,8 +34,6 @@ LOCK_PREFIX = ".lock-"
 # Inside every image made here: when and how, for chroot-list and chroot-maintenance.
 META_PATH = "etc/nspawn-runner/image.json"
 META_SCHEMA = 1
-# btrfs gives every subvolume's root directory this inode number.
-_BTRFS_SUBVOLUME_INO = 256
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -43,7 +43,7 @@ class ImageBusy(SystemFailure):
 
 
 def image_path(settings: Settings, name: str) -> Path:
-    images.validate_name(name)
+    names.validate_name(name)
     return settings.images_dir / name
 
 
@@ -51,18 +51,6 @@ def image_id(path: Path) -> str:
     """What prepare records as the version a machine booted (state.MachineState.image_id)."""
     st = path.stat()
     return f"{st.st_dev}:{st.st_ino}"
-
-
-def on_btrfs(path: Path) -> bool:
-    return backends.filesystem(path) == "btrfs"
-
-
-def is_subvolume(path: Path) -> bool:
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    return st.st_ino == _BTRFS_SUBVOLUME_INO and on_btrfs(path)
 
 
 @contextmanager
@@ -110,7 +98,7 @@ def new_empty(settings: Settings, name: str) -> Path:
     can be renamed into place): a subvolume on btrfs, so jobs get instant snapshots."""
     settings.images_dir.mkdir(parents=True, exist_ok=True)
     path = settings.images_dir / _tmp_name(name)
-    if on_btrfs(settings.images_dir):
+    if fs.on_btrfs(settings.images_dir):
         proc.run(["btrfs", "-q", "subvolume", "create", path])
     else:
         path.mkdir(mode=0o755)
@@ -123,17 +111,17 @@ def new_copy(settings: Settings, name: str) -> Path:
     (hard links would let changes write through into the image jobs are using)."""
     src = image_path(settings, name)
     if not src.is_dir():
-        raise images.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
+        raise names.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
                                 "`nspawn-runner chroot-list` shows the images there are")
     dst = settings.images_dir / _tmp_name(name)
-    if is_subvolume(src):
+    if fs.is_subvolume(src):
         proc.run(["btrfs", "-q", "subvolume", "snapshot", src, dst])
         return dst
     dst = new_empty(settings, name)
     try:
         proc.run(["cp", "-a", "--reflink=auto", f"{src}/.", f"{dst}/"])
     except BaseException:
-        remove_tree(dst)
+        fs.remove_tree(dst)
         raise
     return dst
 
@@ -169,56 +157,6 @@ def swap_in(settings: Settings, name: str, new: Path) -> Path | None:
     return old
 
 
-def _mounts_under(path: Path) -> list[str]:
-    prefix = os.fspath(path)
-    found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
-        point = line.split()[4].encode().decode("unicode_escape")
-        if point == prefix or point.startswith(prefix + "/"):
-            found.append(point)
-    return found
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a version (or a leftover): unmount what a killed bootstrapper left mounted
-    inside, delete nested subvolumes, then the tree itself, never crossing into another file
-    system."""
-    if not os.path.lexists(path):
-        return
-    if path.is_symlink() or not path.is_dir():
-        path.unlink()
-        return
-    for point in sorted(_mounts_under(path), key=len, reverse=True):
-        proc.run(["umount", "--lazy", point])
-    btrfs = on_btrfs(path)
-    if btrfs:
-        for sub in reversed(_nested_subvolumes(path)):
-            proc.run(["btrfs", "-q", "subvolume", "delete", sub])
-    if btrfs and path.stat().st_ino == _BTRFS_SUBVOLUME_INO:
-        proc.run(["btrfs", "-q", "subvolume", "delete", path])
-    else:
-        proc.run(["rm", "-rf", "--one-file-system", path])
-
-
-def _nested_subvolumes(top: Path) -> list[Path]:
-    """Subvolumes inside `top` (systemd makes /var/lib/machines and the like as subvolumes),
-    parents before children. With no mounts left, a change of device is a subvolume."""
-    found: list[Path] = []
-    stack = [(top, top.stat().st_dev)]
-    while stack:
-        directory, dev = stack.pop()
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if not entry.is_dir(follow_symlinks=False):
-                    continue
-                st = entry.stat(follow_symlinks=False)
-                if st.st_dev != dev:
-                    found.append(Path(entry.path))
-                stack.append((Path(entry.path), st.st_dev))
-    return found
-
-
 @dataclass(frozen=True)
 class Use:
     """A running job's machine and the image version it booted."""
@@ -228,26 +166,9 @@ class Use:
     image_id: str  # empty: unknown (a state file of an older driver)
 
 
-def uses() -> list[Use]:
-    """The machines prepare set up, from their state files."""
-    found = []
-    try:
-        paths = sorted(state.RUNTIME_DIR.glob("*.json"))
-    except OSError:
-        return []
-    for path in paths:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("image"), str):
-            found.append(Use(str(data.get("machine", path.stem)), data["image"],
-                             str(data.get("image_id") or "")))
-    return found
-
-
-def jobs_using(name: str) -> list[str]:
-    return [u.machine for u in uses() if u.image == name]
+# What is running, from the layer that runs jobs (executor/state.py: image_uses), passed in:
+# the image store knows nothing of jobs.
+InUse = Callable[[], Sequence[Use]]
 
 
 def _owner(entry: str, prefix: str) -> str:
@@ -255,14 +176,13 @@ def _owner(entry: str, prefix: str) -> str:
     return entry[len(prefix):].rpartition("@")[0]
 
 
-def prune_old_versions(settings: Settings) -> list[Path]:
+def prune_old_versions(settings: Settings, running: Sequence[Use]) -> list[Path]:
     """Remove old versions no job uses any more, and leftovers of interrupted operations;
     return what was removed. Called after every swap, and by `gc`."""
     try:
         entries = sorted(settings.images_dir.iterdir())
     except OSError:
         return []
-    running = uses()
     removed = []
     for path in entries:
         entry = path.name
@@ -281,7 +201,7 @@ def prune_old_versions(settings: Settings) -> list[Path]:
                 continue
         else:
             continue
-        remove_tree(path)
+        fs.remove_tree(path)
         removed.append(path)
         log.debug(f"removed {path}")
     return removed

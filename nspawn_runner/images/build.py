@@ -16,9 +16,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from nspawn_runner import backends, log, proc
+from nspawn_runner import log, proc
 from nspawn_runner.errors import CommandError, SystemFailure
-from nspawn_runner.imagefile import TARGET, ImageSpec
+from nspawn_runner.host import backends
+from nspawn_runner.images.spec import TARGET, ImageSpec
 from nspawn_runner.progress import Step, run_tool
 from nspawn_runner.settings import Settings
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
-from nspawn_runner import proc
+from nspawn_runner.host import fs
 
 
 class Backend(enum.StrEnum):
@@ -21,23 +21,15 @@ class Backend(enum.StrEnum):
     VOLATILE = "volatile"
 
 
-def filesystem(path: Path) -> str:
-    return proc.run(["stat", "-f", "-c", "%T", path], capture=True).stdout.strip()
-
-
 def choose(setting: str, root: Path) -> Backend:
     if setting != "auto":
         return Backend(setting)
-    return Backend.BTRFS if filesystem(root) == "btrfs" else Backend.OVERLAY
+    return Backend.BTRFS if fs.on_btrfs(root) else Backend.OVERLAY
 
 
 def escape(path: Path | str) -> str:
     """nspawn splits --bind=/--overlay= values at ':' and interprets backslash escapes."""
     return str(path).replace("\\", "\\\\").replace(":", "\\:")
-
-
-def overlay_dir(root: Path, machine: str) -> Path:
-    return root / "overlays" / machine
 
 
 def nspawn_args(backend: Backend, image: Path, upper: Path | None) -> list[str]:

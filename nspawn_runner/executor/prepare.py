@@ -1,69 +1,44 @@
-"""The custom-executor stages gitlab-runner calls for every job, but `run` (run_stage.py).
+"""The prepare stage: boot the job's machine from its image, return once it is up.
 
-config prints the JSON gitlab-runner reads; prepare boots the job's machine; cleanup removes
-it. See docs/architecture.md for the lifecycle and ../shared/custom-executor-protocol.md for
-the contract."""
+See docs/architecture.md for the lifecycle and ../shared/custom-executor-protocol.md for the
+contract; config.py, run.py and cleanup.py are the other stages."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 
-from nspawn_runner import (
-    __version__,
-    backends,
-    images,
-    job,
-    limits,
-    log,
-    machine,
-    settings,
-    state,
-)
+from nspawn_runner import layout, log, settings
 from nspawn_runner.errors import SystemFailure
+from nspawn_runner.executor import identity, state
+from nspawn_runner.host import backends, limits, machine
+from nspawn_runner.images import names
 from nspawn_runner.settings import Settings
 
 _SERVER = re.compile(r"^[A-Za-z0-9.:-]+$")
 
 
-def config_output(cfg: Settings) -> dict[str, object]:
-    return {
-        "builds_dir": cfg.builds_dir,
-        "cache_dir": cfg.cache_dir,
-        # Every job has its own machine, so its builds dir is never shared with another job.
-        "builds_dir_is_shared": False,
-        "hostname": socket.gethostname(),
-        "driver": {"name": "nspawn-runner", "version": __version__},
-    }
-
-
-def config(cfg: Settings) -> str:
-    """The config stage's stdout: exactly one JSON object and nothing else."""
-    return json.dumps(config_output(cfg))
-
-
-def _server_dir(this: job.Job) -> str:
+def _server_dir(this: identity.Job) -> str:
     return this.server if _SERVER.match(this.server) and ".." not in this.server else "local"
 
 
-def cache_host_dir(cfg: Settings, this: job.Job) -> Path:
+def cache_host_dir(cfg: Settings, this: identity.Job) -> Path:
     # Per GitLab instance and project: a job only ever sees its own project's caches.
-    return cfg.root / "cache" / _server_dir(this) / this.project_path
+    return layout.cache_root(cfg.root) / _server_dir(this) / this.project_path
 
 
-def builds_host_dir(cfg: Settings, this: job.Job, environ: dict[str, str] | None = None) -> Path:
+def builds_host_dir(cfg: Settings, this: identity.Job,
+                    environ: dict[str, str] | None = None) -> Path:
     """The persistent builds directory of the job's project and concurrent slot. The slot is
     a job variable (CI_CONCURRENT_ID) a job could set: it can only ever pick another slot of
     its own project, never another project's checkout."""
     env = os.environ if environ is None else environ
     slot = env.get("CUSTOM_ENV_CI_CONCURRENT_ID", "0")
     slot = slot if slot.isdigit() and len(slot) < 10 else "0"
-    return cfg.root / "builds" / _server_dir(this) / this.project_path / slot
+    return layout.builds_root(cfg.root) / _server_dir(this) / this.project_path / slot
 
 
 def gitlab_runner_binary(cfg: Settings) -> Path | None:
@@ -85,15 +60,15 @@ def _check_host() -> None:
                             "for the test bed on hosts without it)")
 
 
-def boot_spec(cfg: Settings, this: job.Job,
+def boot_spec(cfg: Settings, this: identity.Job,
               default_image: str = "") -> tuple[machine.BootSpec, limits.Limits]:
     """How to boot the job's machine, and the limits that apply to it (the settings',
     overridden by the image file's [limits])."""
-    from nspawn_runner import imagefile
+    from nspawn_runner.images import spec
 
-    name, path = images.resolve(cfg, this.image_ref, default_image)
+    name, path = names.resolve(cfg, this.image_ref, default_image)
     backend = backends.choose(cfg.backend, cfg.root)
-    image_spec = imagefile.load(cfg, name)
+    image_spec = spec.load(cfg, name)
     lim = cfg.limits(**(image_spec.limit_overrides() if image_spec else {}))
     if lim.private_users and backend is not backends.Backend.BTRFS:
         # nspawn maps ownership with idmapped mounts, which it cannot do on an overlay root;
@@ -103,7 +78,7 @@ def boot_spec(cfg: Settings, this: job.Job,
     binds_ro: list[tuple[Path, str]] = []
     runner = gitlab_runner_binary(cfg)
     if runner is not None:
-        binds_ro.append((runner, machine.GITLAB_RUNNER_INSIDE))
+        binds_ro.append((runner, layout.GITLAB_RUNNER_INSIDE))
     else:
         log.info("nspawn-runner: gitlab-runner was not found on this host, so caches and "
                  "artifacts are skipped inside the job; install it or set gitlab_runner in "
@@ -120,7 +95,7 @@ def boot_spec(cfg: Settings, this: job.Job,
         stop_timeout=cfg.stop_timeout,
         binds=(
             (cache_host_dir(cfg, this), f"{cfg.cache_dir}/{this.project_path}"),
-            (state.results_dir(this.machine), state.RESULTS_INSIDE),
+            (layout.results_dir(this.machine), layout.RESULTS_INSIDE),
             *([(builds_host_dir(cfg, this), cfg.builds_dir)] if cfg.persistent_builds else []),
         ),
         binds_ro=tuple(binds_ro),
@@ -132,12 +107,13 @@ def boot_spec(cfg: Settings, this: job.Job,
 
 
 def prepare(cfg: Settings, default_image: str = "") -> None:
-    this = job.load(secret_names=cfg.secret_variables)
+    this = identity.load(secret_names=cfg.secret_variables)
     spec, lim = boot_spec(cfg, this, default_image)
     _check_host()
     # A crashed runner or a killed earlier attempt may have left this job's machine behind.
-    machine.teardown(this.machine, this.unit, backends.overlay_dir(cfg.root, this.machine),
+    machine.teardown(this.machine, this.unit, layout.overlay_dir(cfg.root, this.machine),
                      cfg.stop_timeout)
+    state.remove(this.machine)
     log.info(f"nspawn-runner: booting machine {this.machine} from image {spec.image!r} "
              f"({spec.backend} backend)")
     start = time.monotonic()
@@ -151,37 +127,17 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
     # Written before the boot, so that `gc` knows whose machine this is even if we are killed
     # while it boots.
     state.write(saved)
-    machine.boot(spec)
     try:
+        machine.boot(spec)
         if lim.user != "root":
             # The step status directory too: the job's shell writes its exit status there.
             home = machine.ensure_user(this.machine, lim.user,
                                        [cfg.builds_dir, f"{cfg.cache_dir}/{this.project_path}",
-                                        state.RESULTS_INSIDE])
+                                        layout.RESULTS_INSIDE])
             saved = saved._replace(user=lim.user, home=home)
             state.write(saved)
     except BaseException:
         machine.teardown(this.machine, this.unit, spec.overlay, cfg.stop_timeout)
+        state.remove(this.machine)
         raise
     log.info(f"nspawn-runner: machine {this.machine} ready in {time.monotonic() - start:.1f}s")
-
-
-def cleanup(cfg: Settings) -> None:
-    this = job.load(secret_names=cfg.secret_variables)
-    saved = state.read(this.machine)
-    # The settings may have changed since prepare; the state file knows what prepare did.
-    root = Path(saved.root) if saved else cfg.root
-    overlay = Path(saved.overlay) if saved and saved.overlay else backends.overlay_dir(
-        root, this.machine)
-    machine.teardown(this.machine, this.unit, overlay, cfg.stop_timeout)
-    log.debug(f"machine {this.machine} removed")
-    if saved and saved.image_id:
-        from nspawn_runner import imagestore
-
-        # This may have been the last job on a version maintenance swapped out: drop it now
-        # rather than at the next image command. Never fail a cleanup over it.
-        try:
-            for path in imagestore.prune_old_versions(Settings(root=root)):
-                log.debug(f"removed old image version {path}")
-        except Exception as e:
-            log.warn(f"could not remove old image versions: {e}")

@@ -15,10 +15,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nspawn_runner import backends, imagefile, images, job, settings
-from nspawn_runner.backends import Backend
+from nspawn_runner import layout, settings, table
 from nspawn_runner.errors import CommandError, SystemFailure
-from nspawn_runner.run_stage import SHELLS
+from nspawn_runner.executor import identity
+from nspawn_runner.host import backends, fs
+from nspawn_runner.host.backends import Backend
+from nspawn_runner.images import names as image_names
+from nspawn_runner.images import spec
 from nspawn_runner.settings import Settings
 
 MIN_SYSTEMD = 247
@@ -59,13 +62,12 @@ class Report:
         return [c for c in self.checks if c.status is Status.WARN]
 
     def render(self) -> str:
-        width = max([len("CHECK"), *(len(c.name) for c in self.checks)])
-        lines = [f"{'CHECK':<{width}}  STATUS  DETAIL"]
+        rows = [("CHECK", "STATUS", "DETAIL")]
         for c in self.checks:
-            lines.append(f"{c.name:<{width}}  {c.status.value:<6}  {_one_line(c.detail)}")
+            rows.append((c.name, c.status.value, _one_line(c.detail)))
             if c.fix:
-                lines.append(f"{'':<{width}}  {'':<6}  fix: {_one_line(c.fix)}")
-        return "\n".join(lines) + "\n\n" + self.summary() + "\n"
+                rows.append(("", "", f"fix: {_one_line(c.fix)}"))
+        return table.render(rows) + "\n" + self.summary() + "\n"
 
     def summary(self) -> str:
         warned = f", {len(self.warnings)} warning{'s' * (len(self.warnings) != 1)}"
@@ -118,12 +120,12 @@ class Host:
         return shutil.which(command)
 
     def machines(self) -> list[str]:
-        from nspawn_runner import dbus
+        from nspawn_runner.host import machined
 
-        return dbus.machines()
+        return machined.machines()
 
     def filesystem(self, path: Path) -> str:
-        return backends.filesystem(path)
+        return fs.filesystem(path)
 
     def backend(self, cfg: Settings) -> Backend:
         return backends.choose(cfg.backend, cfg.root)
@@ -132,7 +134,7 @@ class Host:
         return shutil.disk_usage(path).free
 
     def gitlab_runner(self, cfg: Settings) -> Path | None:
-        from nspawn_runner import stages
+        from nspawn_runner.executor import prepare as stages
 
         return stages.gitlab_runner_binary(cfg)
 
@@ -140,11 +142,12 @@ class Host:
         """Boot `image` as a job would (on the volatile backend: nothing is written to disk),
         run the job shell in it through systemd-run as the run stage does, tear it down.
         Returns the seconds until the shell ran; raises SystemFailure saying what failed."""
-        from nspawn_runner import machine, proc
+        from nspawn_runner import proc
+        from nspawn_runner.host import machine
 
         self._boots += 1
-        name = f"{job.MACHINE_PREFIX}check-{os.getpid()}-{self._boots}"
-        unit = f"{job.UNIT_PREFIX}{name}.service"
+        name = f"{identity.MACHINE_PREFIX}check-{os.getpid()}-{self._boots}"
+        unit = f"{identity.UNIT_PREFIX}{name}.service"
         spec = machine.BootSpec(
             machine=name, unit=unit, image=image, image_path=path, backend=Backend.VOLATILE,
             root=cfg.root, boot_timeout=timeout, stop_timeout=cfg.stop_timeout,
@@ -155,7 +158,7 @@ class Host:
         start = time.monotonic()
         machine.boot(spec)
         try:
-            shell = SHELLS.get(cfg.shell, "/bin/sh")
+            shell = layout.SHELLS.get(cfg.shell, "/bin/sh")
             try:
                 proc.run(["systemd-run", "--quiet", f"--machine={name}", "--pipe", "--wait",
                           "--collect", "--service-type=exec", "--", shell, "-c", "true"],
@@ -285,7 +288,7 @@ def _state_root(host: Host, cfg: Settings) -> list[Check]:
 
 def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
             boot_timeout: int) -> list[Check]:
-    names = images.available(cfg)
+    names = image_names.available(cfg)
     if not names:
         return [Check("images", Status.FAIL, f"no images in {cfg.images_dir}",
                       f"make one, e.g. mmdebstrap --variant=minbase --include=systemd,"
@@ -306,7 +309,7 @@ def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
             checks.append(Check(label, Status.SKIP, "not in allowed_images: jobs cannot use it"))
             continue
         try:
-            _, path = images.resolve(cfg, "", name)
+            _, path = image_names.resolve(cfg, "", name)
         except SystemFailure as e:
             checks.append(Check(label, Status.FAIL, str(e),
                                 f"install systemd, systemd-sysv and dbus in it, or remove "
@@ -314,10 +317,10 @@ def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
             continue
         try:
             # prepare reads the image's file (per-image limits) for every job.
-            imagefile.load(cfg, name)
+            spec.load(cfg, name)
         except SystemFailure as e:
             checks.append(Check(label, Status.FAIL, str(e),
-                                f"fix {imagefile.path_of(cfg, name)} (docs/images.md)"))
+                                f"fix {spec.path_of(cfg, name)} (docs/images.md)"))
             continue
         if not boot:
             checks.append(Check(label, Status.OK, f"{path} has an init; not booted (--no-boot)"))
@@ -334,7 +337,7 @@ def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
                                 "needs systemd, systemd-sysv and dbus)"))
             continue
         checks.append(Check(label, Status.OK,
-                            f"boots and runs {SHELLS.get(cfg.shell, cfg.shell)} "
+                            f"boots and runs {layout.SHELLS.get(cfg.shell, cfg.shell)} "
                             f"({seconds:.1f}s)"))
     return checks
 

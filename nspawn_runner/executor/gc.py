@@ -9,18 +9,20 @@ protects a prepare that is still booting (it has a unit but no state file yet)."
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
-from nspawn_runner import backends, dbus, job, log, machine, proc, state
+from nspawn_runner import layout, log, proc
+from nspawn_runner.executor import identity, state
+from nspawn_runner.host import fs, machine, machined
 from nspawn_runner.settings import Settings
 
 
 def _units() -> dict[str, float]:
     """Our machine units and when each became active (seconds since the epoch)."""
     listed = proc.run(["systemctl", "list-units", "--all", "--plain", "--no-legend", "--full",
-                       f"{job.UNIT_PREFIX}{job.MACHINE_PREFIX}*"], capture=True, check=False)
+                       f"{identity.UNIT_PREFIX}{identity.MACHINE_PREFIX}*"],
+                      capture=True, check=False)
     names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
     if not names:
         return {}
@@ -44,23 +46,14 @@ def _age(path: Path, now: float) -> float:
         return 0.0
 
 
-def _delete_tree(path: Path) -> None:
-    if backends.filesystem(path) == "btrfs":
-        # A snapshot is a subvolume: `btrfs subvolume delete` is instant, rmtree is not.
-        result = proc.run(["btrfs", "subvolume", "delete", path], check=False)
-        if result.returncode == 0:
-            return
-    shutil.rmtree(path)
-
-
 def collect(cfg: Settings, grace: float) -> list[str]:
     """Remove abandoned resources; return one line per thing removed."""
     now = time.time()
     removed: list[str] = []
     units = _units()
     states: dict[str, state.MachineState | None] = {}
-    if state.RUNTIME_DIR.is_dir():
-        for path in state.RUNTIME_DIR.glob(f"{job.MACHINE_PREFIX}*.json"):
+    if layout.RUNTIME_DIR.is_dir():
+        for path in layout.RUNTIME_DIR.glob(f"{identity.MACHINE_PREFIX}*.json"):
             states[path.stem] = state.read(path.stem)
 
     for name, st in states.items():
@@ -68,46 +61,48 @@ def collect(cfg: Settings, grace: float) -> list[str]:
             continue
         overlay = Path(st.overlay) if st.overlay else None
         machine.teardown(name, st.unit, overlay, cfg.stop_timeout)
+        state.remove(name)
         removed.append(f"machine {name} (image {st.image}): its gitlab-runner process is gone")
 
     for unit, since in units.items():
-        name = unit.removeprefix(job.UNIT_PREFIX).removesuffix(".service")
-        if name in states or not job.is_machine_name(name) or now - since < grace:
+        name = unit.removeprefix(identity.UNIT_PREFIX).removesuffix(".service")
+        if name in states or not identity.is_machine_name(name) or now - since < grace:
             continue
-        machine.teardown(name, unit, backends.overlay_dir(cfg.root, name), cfg.stop_timeout)
+        machine.teardown(name, unit, layout.overlay_dir(cfg.root, name), cfg.stop_timeout)
+        state.remove(name)
         removed.append(f"machine {name}: unit {unit} without a job")
 
-    live = {u.removeprefix(job.UNIT_PREFIX).removesuffix(".service") for u in _units()}
-    overlays = cfg.root / "overlays"
+    live = {u.removeprefix(identity.UNIT_PREFIX).removesuffix(".service") for u in _units()}
+    overlays = layout.overlays_dir(cfg.root)
     for path in sorted(overlays.iterdir()) if overlays.is_dir() else []:
         if path.name in live or path.name in states or _age(path, now) < grace:
             continue
-        shutil.rmtree(path)
+        fs.remove_tree(path)
         removed.append(f"overlay {path}")
 
-    if state.RUNTIME_DIR.is_dir():
-        for path in state.RUNTIME_DIR.glob(f"{job.MACHINE_PREFIX}*.d"):
+    if layout.RUNTIME_DIR.is_dir():
+        for path in layout.RUNTIME_DIR.glob(f"{identity.MACHINE_PREFIX}*.d"):
             name = path.name.removesuffix(".d")
             if name not in live and not state.path(name).exists() and _age(path, now) >= grace:
-                shutil.rmtree(path, ignore_errors=True)
+                fs.remove_tree(path)
                 removed.append(f"status directory {path}")
 
     # nspawn --ephemeral deletes its snapshot when it exits, unless it was killed.
     snapshots = sorted(cfg.images_dir.glob(".#machine.*")) if cfg.images_dir.is_dir() else []
     snapshots = [p for p in snapshots if p.is_dir() and not p.is_symlink()]
     if snapshots:
-        in_use = dbus.root_directories()
+        in_use = machined.root_directories()
         for path in snapshots:
             if str(path) in in_use or _age(path, now) < grace:
                 continue
-            _delete_tree(path)
+            fs.remove_tree(path)
             lock = path.parent / f".#{path.name}.lck"
             lock.unlink(missing_ok=True)
             removed.append(f"snapshot {path}")
-    from nspawn_runner import imagestore
+    from nspawn_runner.images import store
 
     # Old image versions swapped out by maintenance, once no machine uses them any more.
-    removed += [f"old image version {p}" for p in imagestore.prune_old_versions(cfg)]
+    removed += [f"old image version {p}" for p in store.prune_old_versions(cfg, state.image_uses())]
     for line in removed:
         log.info(f"gc: removed {line}")
     if not removed:

@@ -5,7 +5,6 @@ tomlkit; the result is a frozen `ImageSpec`. See docs/images.md for the keys."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -17,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nspawn_runner import images, log
+from nspawn_runner import log, schema
 from nspawn_runner.errors import SystemFailure
+from nspawn_runner.images import names as image_names
 from nspawn_runner.settings import SETTINGS, Settings
 
 DEBIAN_TOOLS = ("mmdebstrap", "debootstrap")
@@ -35,8 +35,6 @@ REQUIRED_PACKAGES = ("systemd", "systemd-sysv", "dbus", "git", "ca-certificates"
 # Architectures whose binaries the x86-64 kernel runs with a 32-bit personality.
 _PERSONALITY_OF = {"i386": "x86"}
 TARGET = "{target}"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"^\s*([0-9]+)\s*([smhdw])\s*$")
 _SUITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")
 _ARCH = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _COMPONENT = re.compile(r"^[a-z0-9][a-z0-9/-]*$")
@@ -102,98 +100,50 @@ class ImageSpec:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class _Bad(ValueError):
-    """Raised by the parsers; `load` adds the file and the key."""
-
-
-def _str(value: object) -> str:
-    if not isinstance(value, str):
-        raise _Bad(f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _matching(pattern: re.Pattern[str], what: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
-        text = _str(value)
-        if text and not pattern.match(text):
-            raise _Bad(f"expected {what}")
-        return text
-
-    return parse
-
-
-def _list_of(item: Callable[[object], str]) -> Callable[[object], tuple[str, ...]]:
-    def parse(value: object) -> tuple[str, ...]:
-        if not isinstance(value, list):
-            raise _Bad("expected a list of strings")
-        return tuple(item(v) for v in value)
-
-    return parse
-
-
-def _str_or_list(value: object) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,) if value.strip() else ()
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(v for v in value if v.strip())
-    raise _Bad("expected a string or a list of strings")
-
-
 def parse_duration(value: object) -> int:
     """Seconds from 7d, 12h, 30m, 2w, 90s or a whole number of seconds; 0 or "" is never."""
-    if isinstance(value, bool):
-        raise _Bad("expected a duration such as '7d'")
-    if isinstance(value, int):
-        if value < 0:
-            raise _Bad("expected 0 or more seconds")
-        return value
-    text = _str(value)
-    if text.strip() in ("", "0", "never"):
-        return 0
-    match = _DURATION.match(text)
-    if not match:
-        raise _Bad("expected a duration: a number with s, m, h, d or w, e.g. '7d'")
-    return int(match[1]) * _UNITS[match[2]]
+    return schema.duration(value)
 
 
 def _option(value: object) -> str:
-    text = _str(value)
+    text = schema.string(value)
     if not text.startswith("--"):
-        raise _Bad("expected options such as '--aptopt=...', each starting with '--'")
+        raise schema.BadValue("expected options such as '--aptopt=...', each starting with '--'")
     return text
 
 
 def _command(value: object) -> tuple[str, ...]:
-    argv = _list_of(_str)(value)
+    argv = schema.list_of(schema.string)(value)
     if not argv or not argv[0]:
-        raise _Bad("expected a command as a list: program first, then its arguments")
+        raise schema.BadValue("expected a command as a list: program first, then its arguments")
     if not any(TARGET in a for a in argv):
-        raise _Bad(f"the command must name the directory to fill as {TARGET}")
+        raise schema.BadValue(f"the command must name the directory to fill as {TARGET}")
     return argv
 
 
 _PARSERS: dict[str, Callable[[object], Any]] = {
-    "bootstrap": _str,
-    "suite": _matching(_SUITE, "a suite or codename such as 'bookworm' or 'sid'"),
-    "mirror": _matching(_MIRROR, "a URL (http://, https:// or file://)"),
-    "architecture": _matching(_ARCH, "a Debian architecture such as 'amd64' or 'i386'"),
-    "components": _list_of(_matching(_COMPONENT, "archive components such as 'main'")),
-    "variant": _str,
-    "packages": _list_of(_matching(_PACKAGE, "package names (no ',', spaces or leading '-')")),
-    "bootstrap_options": _list_of(_option),
+    "bootstrap": schema.string,
+    "suite": schema.matching(_SUITE, "a suite or codename such as 'bookworm' or 'sid'"),
+    "mirror": schema.matching(_MIRROR, "a URL (http://, https:// or file://)"),
+    "architecture": schema.matching(_ARCH, "a Debian architecture such as 'amd64' or 'i386'"),
+    "components": schema.list_of(schema.matching(_COMPONENT, "archive components such as 'main'")),
+    "variant": schema.string,
+    "packages": schema.list_of(
+        schema.matching(_PACKAGE, "package names (no ',', spaces or leading '-')")),
+    "bootstrap_options": schema.list_of(_option),
     "command": _command,
-    "import": _matching(re.compile(r"^\S"), "a path or URL"),
-    "setup": _str_or_list,
-    "playbook": _matching(re.compile(r"^\S"), "the path of a playbook"),
+    "import": schema.matching(re.compile(r"^\S"), "a path or URL"),
+    "setup": schema.str_or_list,
+    "playbook": schema.matching(re.compile(r"^\S"), "the path of a playbook"),
     "recreate_after": parse_duration,
-    "personality": _str,
-    "hostname": _matching(_HOSTNAME, "a host name"),
+    "personality": schema.string,
+    "hostname": schema.matching(_HOSTNAME, "a host name"),
 }
 
 
 def _limit_rows() -> dict[str, Callable[[object], Any]]:
     """The settings a `[limits]` table may override: those of limits.Limits."""
-    from nspawn_runner import limits
+    from nspawn_runner.host import limits
 
     names = {f.name for f in dataclasses.fields(limits.Limits)}
     return {row.name: row.parse for row in SETTINGS if row.name in names}
@@ -212,10 +162,10 @@ def names(settings: Settings) -> list[str]:
     found = []
     for entry in entries:
         try:
-            images.validate_name(entry.stem)
-        except images.ImageError:
+            image_names.validate_name(entry.stem)
+        except image_names.ImageError:
             log.warn(f"{entry}: ignored: {entry.stem!r} is not a valid image name "
-                     f"({images.NAME_RULE})")
+                     f"({image_names.NAME_RULE})")
             continue
         found.append(entry.stem)
     return found
@@ -238,7 +188,7 @@ def read(path: Path) -> dict[str, Any]:
 def load(settings: Settings, name: str,
          overrides: Mapping[str, object] | None = None) -> ImageSpec | None:
     """The spec of image `name` from its file, None when it has no file (and no overrides)."""
-    images.validate_name(name)
+    image_names.validate_name(name)
     path = path_of(settings, name)
     if path.exists():
         data = read(path)
@@ -256,21 +206,9 @@ def parse(name: str, data: Mapping[str, object], file: Path | None,
     file), the key and the value."""
     where = str(shown or file or f"image {name}")
     base = (file or shown or Path(".")).parent
-    values: dict[str, Any] = {}
-    for key, raw in data.items():
-        if key == "limits":
-            values["limits"] = _parse_limits(where, raw)
-            continue
-        parser = _PARSERS.get(key)
-        if parser is None:
-            close = difflib.get_close_matches(key, [*_PARSERS, "limits"], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            log.warn(f"{where}: unknown key {key!r} ignored{hint}")
-            continue
-        try:
-            values[key] = parser(raw)
-        except _Bad as e:
-            raise ImageFileError(f"{where}: invalid value {raw!r} for {key!r}: {e}") from None
+    values = schema.parse_table(data, _PARSERS, where, ImageFileError, skip=("limits",))
+    if "limits" in data:
+        values["limits"] = _parse_limits(where, data["limits"])
 
     def bad(key: str, why: str) -> ImageFileError:
         return ImageFileError(f"{where}: invalid value {data.get(key)!r} for {key!r}: {why}")
@@ -315,19 +253,9 @@ def _parse_limits(where: str, raw: object) -> tuple[tuple[str, Any], ...]:
     if not isinstance(raw, dict):
         raise ImageFileError(f"{where}: invalid value {raw!r} for 'limits': expected a table, "
                              "[limits] with settings such as memory_max = \"4G\"")
-    rows = _limit_rows()
-    out = []
-    for key, value in raw.items():
-        parser = rows.get(key)
-        if parser is None:
-            raise ImageFileError(f"{where}: unknown key 'limits.{key}': a [limits] table may "
-                                 "set " + ", ".join(sorted(rows)))
-        try:
-            out.append((key, parser(value)))
-        except ValueError as e:  # the settings' parsers raise a ValueError subclass
-            raise ImageFileError(
-                f"{where}: invalid value {value!r} for 'limits.{key}': {e}") from None
-    return tuple(out)
+    parsed = schema.parse_table(raw, _limit_rows(), where, ImageFileError, prefix="limits.",
+                                unknown="error")
+    return tuple(parsed.items())
 
 
 def save(path: Path, updates: Mapping[str, object]) -> None:

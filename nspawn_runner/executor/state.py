@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
-from types import FrameType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from nspawn_runner.errors import Cancelled, SystemFailure
+from nspawn_runner import layout
+from nspawn_runner.errors import SystemFailure
 
-RUNTIME_DIR = Path(os.environ.get("NSPAWN_RUNNER_RUNTIME_DIR", "/run/nspawn-runner"))
+if TYPE_CHECKING:
+    from nspawn_runner.images.store import Use
+
 SCHEMA = 1
 
 
@@ -39,24 +40,15 @@ class MachineState(NamedTuple):
     schema: int = SCHEMA
 
 
-# Inside every machine: where each step leaves its exit status (see run_stage.command).
-RESULTS_INSIDE = "/run/nspawn-runner"
-
-
 def path(machine: str) -> Path:
-    return RUNTIME_DIR / f"{machine}.json"
-
-
-def results_dir(machine: str) -> Path:
-    """Host side of RESULTS_INSIDE for `machine`."""
-    return RUNTIME_DIR / f"{machine}.d"
+    return layout.state_file(machine)
 
 
 def write(state: MachineState) -> None:
     import tempfile  # not needed by run, which only reads
 
-    RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RUNTIME_DIR, prefix=".tmp-", suffix=".json")
+    layout.RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=layout.RUNTIME_DIR, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(state._asdict(), f)
     os.replace(tmp, path(state.machine))
@@ -84,7 +76,7 @@ def read(machine: str) -> MachineState | None:
 def remove(machine: str) -> None:
     import shutil
 
-    shutil.rmtree(results_dir(machine), ignore_errors=True)
+    shutil.rmtree(layout.results_dir(machine), ignore_errors=True)
     path(machine).unlink(missing_ok=True)
 
 
@@ -127,12 +119,22 @@ def owner_alive(identity: str) -> bool:
     return info is not None and info[2] == start
 
 
-def _raise_cancelled(signum: int, frame: FrameType | None) -> None:
-    raise Cancelled(f"received {signal.Signals(signum).name}: job cancelled or timed out")
+def image_uses() -> list[Use]:
+    """The image version each prepared machine booted, from the state files (for the image
+    commands and gc: an old version is removed only when no machine uses it)."""
+    from nspawn_runner.images.store import Use  # not at the top: `run` never needs it
 
-
-def cancel_on_signals() -> None:
-    """gitlab-runner ends a stage with SIGTERM to our process group (SIGINT from a terminal):
-    turn both into `Cancelled`, so the stage can undo what it started before exiting."""
-    signal.signal(signal.SIGTERM, _raise_cancelled)
-    signal.signal(signal.SIGINT, _raise_cancelled)
+    found = []
+    try:
+        paths = sorted(layout.RUNTIME_DIR.glob("*.json"))
+    except OSError:
+        return []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("image"), str):
+            found.append(Use(str(data.get("machine", path.stem)), data["image"],
+                             str(data.get("image_id") or "")))
+    return found

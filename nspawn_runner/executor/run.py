@@ -1,4 +1,4 @@
-"""The `run` stage: pipe one job script into the job's machine and report its exit status.
+"""The run stage: pipe one job script into the job's machine and report its exit status.
 
 The hot path of the driver (called for every stage of every job): stdlib only, no settings
 file, no D-Bus. What prepare decided is read from the state file."""
@@ -9,10 +9,10 @@ import contextlib
 import os
 import subprocess
 
-from nspawn_runner import job, log, proc, state
-from nspawn_runner.errors import BuildFailure, Cancelled, SystemFailure
+from nspawn_runner import layout, log, proc
+from nspawn_runner.errors import BuildFailure, Cancelled, SystemFailure, cancel_on_signals, finish
+from nspawn_runner.executor import identity, state
 
-SHELLS = {"bash": "/bin/bash", "sh": "/bin/sh"}
 # How long a cancelled step's processes get between SIGTERM and SIGKILL: gitlab-runner's own
 # force-kill comes 10 s after its SIGTERM, and we must be done before that.
 STOP_GRACE = 5
@@ -30,7 +30,7 @@ def command(st: state.MachineState, unit: str) -> list[str]:
     a file, because systemd-run --wait also exits 0 when it loses the machine mid-step (the
     machine stopped, or its D-Bus daemon died) and exits non-zero when it could not start the
     step at all: only the file says what the script itself did."""
-    shell = SHELLS[st.shell]
+    shell = layout.SHELLS[st.shell]
     return [
         "systemd-run",
         "--quiet",
@@ -52,7 +52,7 @@ def command(st: state.MachineState, unit: str) -> list[str]:
         "/bin/sh",
         "-c",
         f'{shell}; echo $? > "$0"',
-        f"{state.RESULTS_INSIDE}/{unit}.status",
+        f"{layout.RESULTS_INSIDE}/{unit}.status",
     ]
 
 
@@ -75,7 +75,7 @@ def _stop(st: state.MachineState, unit: str) -> None:
 
 
 def run(script: str, stage: str) -> None:
-    this = job.load()
+    this = identity.load()
     st = state.read(this.machine)
     if st is None:
         raise SystemFailure(f"machine {this.machine} was not prepared (no "
@@ -83,10 +83,10 @@ def run(script: str, stage: str) -> None:
                             "`nspawn-runner prepare`")
     for name in st.secret_variables:
         log.add_secret(os.environ.get("CUSTOM_ENV_" + name, ""))
-    if st.shell not in SHELLS:
+    if st.shell not in layout.SHELLS:
         raise SystemFailure(f"unsupported shell {st.shell!r}; set shell to bash or sh")
     unit = step_unit(stage)
-    state.cancel_on_signals()
+    cancel_on_signals()
     try:
         with open(script, "rb") as f:
             child = proc.spawn(command(st, unit), stdin=f)
@@ -116,7 +116,7 @@ def run(script: str, stage: str) -> None:
 
 
 def _step_status(st: state.MachineState, unit: str) -> int | None:
-    path = state.results_dir(st.machine) / f"{unit}.status"
+    path = layout.results_dir(st.machine) / f"{unit}.status"
     try:
         text = path.read_text()
         path.unlink()
@@ -128,8 +128,6 @@ def _step_status(st: state.MachineState, unit: str) -> int | None:
 def main(args: list[str]) -> int:
     """`run [--verbose] SCRIPT STAGE`; gitlab-runner puts its run_args first, so the script
     and stage are always the last two arguments."""
-    from nspawn_runner.main import finish
-
     options, positional = args[:-2], args[-2:]
     for opt in options:
         if opt in ("-v", "--verbose"):

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from nspawn_runner.backends import escape
+from nspawn_runner.host.backends import escape
 
 NETWORKS = ("host", "private", "veth")
 _SIZE = re.compile(r"^[0-9]+[KMGT]?$|^[0-9]{1,3}%$|^infinity$")
