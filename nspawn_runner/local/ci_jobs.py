@@ -78,6 +78,11 @@ def _inherits(rule: bool | list[str], key: str) -> bool:
     return rule if isinstance(rule, bool) else key in rule
 
 
+def _stage_of(config: object) -> object:
+    return (config.get("stage") or config.get("type") or "test") if isinstance(config, dict) \
+        else None
+
+
 def resolve(p: Pipeline, inst: Instance) -> ResolvedJob:
     """Raises ConfigError (GitLab would refuse the pipeline) or Unsupported (the job uses
     what exec cannot do: every such keyword of the job, one per line)."""
@@ -116,7 +121,7 @@ def resolve(p: Pipeline, inst: Instance) -> ResolvedJob:
             unsupported.append(str(e))
             return None
 
-    stage = job.get("stage") or job.get("type") or "test"
+    stage = _stage_of(job)
     if not isinstance(stage, str) or stage not in p.stages:
         raise kw.KeywordError(f"{where} chosen stage {stage} does not exist; available stages "
                               f"are {', '.join(p.stages)}")
@@ -150,12 +155,17 @@ def resolve(p: Pipeline, inst: Instance) -> ResolvedJob:
     for name in dependencies:
         if name not in visible:
             raise kw.KeywordError(f"{where} dependencies: undefined dependency: {name}")
-    from_jobs = ([n for n, art, _o in need_list if art and n in visible]
-                 if job.get("needs") is not None else list(dependencies))
-    if from_jobs:
-        notes.append(f"artifacts of {', '.join(from_jobs)} are not downloaded: run "
-                     f"{'that job' if len(from_jobs) == 1 else 'those jobs'} first, exec copies "
-                     "artifacts back into the working tree")
+    # Whose artifacts GitLab downloads first: the needed jobs, else `dependencies`, else
+    # every job of the earlier stages.
+    if job.get("needs") is not None:
+        keys = [n for n, art, _o in need_list if art and n in visible]
+    elif job.get("dependencies") is not None:
+        keys = list(dependencies)
+    else:
+        earlier = set(p.stages[:p.stages.index(stage)])
+        keys = [k for k in dict.fromkeys(i.key for i in p.instances.values())
+                if _stage_of(p.config[k]) in earlier]
+    from_jobs = [i.name for k in keys for i in p.instances.values() if i.key == k]
     no_effect = sorted(k for k in NO_EFFECT_KEYS if job.get(k) not in (None, False))
     if no_effect:
         notes.append(f"{', '.join(no_effect)}: no effect in a local run")
@@ -248,7 +258,7 @@ def _finish(p: Pipeline, inst: Instance, job: dict[str, Any], where: str, stage:
         included=included,
         rules_reason=reason,
         environment=environment,
-        needs=tuple(from_jobs),
+        dependencies=tuple(from_jobs),
         notes=tuple(notes),
         source_name=inst.key,
     )

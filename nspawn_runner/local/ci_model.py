@@ -64,7 +64,7 @@ class ResolvedJob:
     included: bool  # whether GitLab would create this job in this pipeline
     rules_reason: str  # why (which rule matched, workflow:rules, only/except)
     environment: Environment | None
-    needs: tuple[str, ...]  # jobs whose artifacts GitLab would download first
+    dependencies: tuple[str, ...]  # jobs whose artifacts GitLab would download first
     notes: tuple[str, ...]  # what behaves differently locally, said once
     source_name: str = ""  # the job's key in the YAML (differs for parallel instances)
 

@@ -791,9 +791,20 @@ def test_environment_slug() -> None:
 
 
 def test_needs_and_dependencies() -> None:
-    main = "build: {script: [x]}\njob: {script: [x], needs: [build, {job: opt, optional: " \
-           "true}]}\n"
-    assert any("artifacts of build are not downloaded" in n for n in job(main).notes)
+    main = """
+        stages: [build, test, deploy]
+        build: {stage: build, script: [x], parallel: 2}
+        other: {stage: build, script: [x]}
+        test: {script: [x]}
+        needs: {stage: deploy, script: [x], needs: [build, {job: opt, optional: true},
+                                                  {job: test, artifacts: false}]}
+        deps: {stage: deploy, script: [x], dependencies: [other]}
+        all: {stage: deploy, script: [x]}
+        """
+    assert job(main, "needs").dependencies == ("build 1/2", "build 2/2")
+    assert job(main, "deps").dependencies == ("other",)
+    assert job(main, "all").dependencies == ("build 1/2", "build 2/2", "other", "test")
+    assert job(main, "build 1/2").dependencies == ()
     assert "'job' job needs 'nope' job" in error("job: {script: [x], needs: [nope]}\n")
     assert "needs:pipeline" in error("job: {script: [x], needs: [{pipeline: $ID, job: a}]}\n")
     assert "undefined dependency: nope" in error("job: {script: [x], dependencies: [nope]}\n")
