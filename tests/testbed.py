@@ -42,6 +42,8 @@ HOST_PACKAGES = [
     "python3", "python3-venv", "python3-pip", "python3-gi", "python3-pydbus", "python3-yaml",
     "btrfs-progs", "debootstrap", "mmdebstrap", "arch-test", "git", "ca-certificates",
     "iproute2", "iputils-ping", "procps", "psmisc", "zstd", "util-linux", "tar",
+    # nspawn-runner shell is tested as an ordinary user going through sudo.
+    "sudo",
     # Image provisioning with playbooks: Debian's ansible has the community.general.chroot
     # connection (ansible-core alone has none).
     "ansible",

@@ -192,6 +192,8 @@ def _finish(p: Pipeline, inst: Instance, job: dict[str, Any], where: str, stage:
     if inst.node_total is not None:
         job_predefined += [Variable("CI_NODE_INDEX", str(inst.node_index), source="predefined"),
                            Variable("CI_NODE_TOTAL", str(inst.node_total), source="predefined")]
+    else:
+        job_predefined.append(Variable("CI_NODE_TOTAL", "1", source="predefined"))
     inherited = [v for v in (*p.global_variables, *p.workflow_variables)
                  if _inherits(inherit_variables, v.key)]
     own = parse_block(job.get("variables"), f"{where}:variables", source="job")

@@ -177,7 +177,7 @@ def parse_remote(url: str) -> Remote | None:
     return Remote(host, path, scheme) if "/" in path else None
 
 
-def _remote_url(root: Path, branch: str | None) -> str | None:
+def remote_url(root: Path, branch: str | None) -> str | None:
     names = _git(root, "remote").split()
     if not names:
         return None
@@ -251,7 +251,7 @@ def predefined(root: Path, *, config_path: str = ".gitlab-ci.yml",
         v["CI_DEFAULT_BRANCH"] = default
         # GitLab protects the default branch of a new project, and nothing else.
         v["CI_COMMIT_REF_PROTECTED"] = "true" if ref == default else "false"
-    url = _remote_url(root, branch)
+    url = remote_url(root, branch)
     remote = parse_remote(url) if url else None
     if remote:
         path = remote.path

@@ -31,6 +31,7 @@ from nspawn_runner.local.runner.model import (
     PREPARATION_RETRIES,
     RUNNER_REVISION,
     RUNNER_VERSION,
+    SCRIPT_FAILURE,
     STAGE_DESCRIPTIONS,
     SYSTEM_FAILURE_EXIT_CODE,
     CallRecord,
@@ -208,7 +209,8 @@ class _Executor:
 
     # -- Cleanup -----------------------------------------------------------------------
 
-    def cleanup(self) -> None:
+    def cleanup(self, final: bool = False) -> None:
+        """`final`: after the build (not after a failed prepare attempt)."""
         build = self.build
         config = build.config
         if not config.run_exec:
@@ -217,7 +219,9 @@ class _Executor:
         if self.tempdir is None:
             return
         try:
-            if config.cleanup_exec:
+            if final and config.skip_cleanup:
+                build.runner_log.log("info", "cleanup skipped: the machine is kept")
+            elif config.cleanup_exec:
                 ctx = _Ctx(None, _positive(config.cleanup_exec_timeout, DEFAULT_EXEC_TIMEOUT))
                 out = _LineLogger(build.runner_log, "debug", "out")
                 err = _LineLogger(build.runner_log, "warning", "err")
@@ -358,6 +362,10 @@ class _Build(_BuildScripts):
             err = self.execute_stage(script_ctx, f"step_{name.lower()}", ex)
             if err is not None:
                 break
+        if isinstance(err, _BuildError) and err.failure_reason == SCRIPT_FAILURE and \
+                script_ctx.err() is None:
+            self.run_handle._script_failed(self.build_dir, {
+                v.key: v.value for v in self.all_variables() if not v.file})
         if ctx.err() is None and script_ctx.err() == CANCELED:
             err = _BuildError("canceled", JOB_CANCELED)
             self.log.warning("script canceled externally (UI, API)")
@@ -465,5 +473,5 @@ class _Build(_BuildScripts):
         try:
             err = self.run_build(job_ctx, ex)
         finally:
-            ex.cleanup()
+            ex.cleanup(final=True)
         return err

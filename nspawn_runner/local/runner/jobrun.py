@@ -49,9 +49,15 @@ class JobRun:
     ``abort()`` cancels the whole job context (then only cleanup runs)."""
 
     def __init__(self, config: RunnerConfig, job: Job, *,
-                 live_output: Callable[[str], None] | None = None) -> None:
+                 live_output: Callable[[str], None] | None = None,
+                 on_script_failure: Callable[[str, dict[str, str]], None] | None = None,
+                 ) -> None:
+        """`on_script_failure(project_dir, variables)` is called when a step of the job's
+        script fails, before after_script runs, with the job's expanded variables (exec
+        --shell-on-failure)."""
         self.config = config
         self.job = job
+        self._on_script_failure = on_script_failure
         self.job_log = _JobLog(live_output)
         self.runner_log = _RunnerLog()
         self._lock = threading.Condition()
@@ -155,6 +161,10 @@ class JobRun:
             self._current_stage = stage
             self._stage_starts.setdefault(stage, time.monotonic())
             self._lock.notify_all()
+
+    def _script_failed(self, project_dir: str, variables: dict[str, str]) -> None:
+        if self._on_script_failure is not None:
+            self._on_script_failure(project_dir, variables)
 
     def _set_cancel_target(self, ctx: _Ctx) -> None:
         with self._lock:

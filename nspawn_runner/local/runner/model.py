@@ -189,6 +189,8 @@ class RunnerConfig:
     # over it (for example PATH with a gitlab-runner helper, or settings for a fake driver).
     process_env: Mapping[str, str] | None = None
     extra_process_env: dict[str, str] = field(default_factory=dict)
+    # Leave the job's machine running: the cleanup call is not made (exec --keep).
+    skip_cleanup: bool = False
 
 
 @dataclass
@@ -228,6 +230,17 @@ class Job:
     concurrent_id: int = 0
     concurrent_project_id: int = 0
     token: str = "glcbt-64_FAKEjobTOKEN0123456789abcdefXYZ"
+    # For `nspawn-runner exec`, which runs a real local job rather than a test's:
+    # server_variables replace the emulator's made-up predefined variables (CI_PIPELINE_ID,
+    # CI_SERVER_URL, ...) with the caller's; local_sources is an archive (a path inside the
+    # machine) that get_sources extracts instead of fetching from a git server;
+    # dependency_archives are (job name, archive inside) that download_artifacts extracts;
+    # local_artifacts is where upload_artifacts_* writes the job's artifacts (an archive
+    # made by the gitlab-runner helper's cache-archiver) instead of uploading them.
+    server_variables: list[JobVariable] | None = None
+    local_sources: str | None = None
+    dependency_archives: list[tuple[str, str]] = field(default_factory=list)
+    local_artifacts: str | None = None
 
 
 @dataclass

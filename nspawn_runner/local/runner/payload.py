@@ -85,7 +85,8 @@ def _server_variables(config: RunnerConfig, job: Job) -> list[JobVariable]:
         ("CI_NODE_TOTAL", "1", True, False),
         ("CI_CONFIG_PATH", ".gitlab-ci.yml", True, False),
     ]
-    out = [JobVariable(k, v, public=p, masked=m) for k, v, p, m in predefined]
+    out = ([JobVariable(k, v, public=p, masked=m) for k, v, p, m in predefined]
+           if job.server_variables is None else list(job.server_variables))
     if job.git_strategy is not None:
         out.append(JobVariable("GIT_STRATEGY", job.git_strategy))
     if job.script_timeout is not None:

@@ -145,7 +145,15 @@ class _BuildScripts(_BuildState):
             self._write_commands(w, [self.config.pre_get_sources_script])
         if not self.settings.lfs_skip_smudge:
             w.variable(JobVariable("GIT_LFS_SKIP_SMUDGE", "1"))
-        if strategy in ("fetch", "clone"):
+        if self.job.local_sources is not None and strategy not in ("none", "empty"):
+            # exec: the developer's working tree (a shallow clone of HEAD with the working
+            # tree's changes on top), in place of a fetch from the GitLab server.
+            w.notice("Copying the local working tree (a clone of HEAD with the working "
+                     "tree's changes)...")
+            w.rm_dir(self.build_dir)
+            w.mkdir(self.build_dir)
+            w.command("tar", "-x", "-f", self.job.local_sources, "-C", self.build_dir)
+        elif strategy in ("fetch", "clone"):
             self._write_git_fetch(w, clone=strategy == "clone")
         elif strategy == "none":
             w.notice("Skipping Git repository setup")
@@ -154,7 +162,8 @@ class _BuildScripts(_BuildState):
             w.notice("Skipping Git repository setup and creating an empty build directory")
             w.rm_dir(self.build_dir)
             w.mkdir(self.build_dir)
-        if strategy in ("fetch", "clone") and self.settings.git_checkout:
+        if strategy in ("fetch", "clone") and self.settings.git_checkout and \
+                self.job.local_sources is None:
             w.notice(f"Checking out {self.job.sha[:8]} as detached HEAD "
                      f"(ref is {self.job.ref})...")
             w.command("git", "-c", "submodule.recurse=false", "checkout", "-f", "-q",
@@ -291,6 +300,8 @@ class _BuildScripts(_BuildState):
         return skip
 
     def _script_upload_artifacts(self, w: _BashWriter, on_success: bool) -> bool:
+        if self.job.local_artifacts is not None:
+            return self._script_local_artifacts(w, on_success, self.job.local_artifacts)
         if not self.config.server_url:
             return True
         self._write_exports(w)
@@ -325,6 +336,42 @@ class _BuildScripts(_BuildState):
             w.command("gitlab-runner", *args)
             w.else_()
             w.warning("Missing gitlab-runner. Uploading artifacts is disabled.")
+            w.end_if()
+        return skip
+
+    def _script_download_artifacts(self, w: _BashWriter) -> bool:
+        """The dependencies' artifacts (exec: archives of earlier local runs)."""
+        self._write_exports(w)
+        w.cd(self.build_dir)
+        for name, archive in self.job.dependency_archives:
+            w.notice(f"Downloading artifacts for {name} (from its last local run)...")
+            w.if_cmd("gitlab-runner", "--version")
+            w.command("gitlab-runner", "cache-extractor", "--file", archive)
+            w.else_()
+            w.warning("Missing gitlab-runner. Extracting artifacts is disabled.")
+            w.end_if()
+        return not self.job.dependency_archives
+
+    def _script_local_artifacts(self, w: _BashWriter, on_success: bool, archive: str) -> bool:
+        """exec: the artifacts into one archive that exec takes back to the working tree."""
+        self._write_exports(w)
+        w.cd(self.build_dir)
+        skip = True
+        for art in self.job.artifacts:
+            when = art.when or "on_success"
+            if not (when == "always" or (when == "on_success") == on_success):
+                continue
+            paths: list[str] = []
+            for p in art.paths:
+                paths += ["--path", self.expand(p)]
+            if not paths:
+                continue
+            skip = False
+            w.if_cmd("gitlab-runner", "--version")
+            w.notice("Collecting artifacts for the local working tree...")
+            w.command("gitlab-runner", "cache-archiver", "--file", archive, *paths)
+            w.else_()
+            w.warning("Missing gitlab-runner. Collecting artifacts is disabled.")
             w.end_if()
         return skip
 
@@ -381,9 +428,7 @@ class _BuildScripts(_BuildState):
         elif stage == "restore_cache":
             skip = self._script_restore_cache(w)
         elif stage == "download_artifacts":
-            self._write_exports(w)
-            w.cd(self.build_dir)
-            skip = True  # the emulator's jobs have no dependencies with artifacts
+            skip = self._script_download_artifacts(w)
         elif stage == "after_script":
             skip = self._script_after(w)
         elif stage in ("archive_cache", "archive_cache_on_failure"):

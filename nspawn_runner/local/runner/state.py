@@ -77,6 +77,8 @@ class _RunHandle(Protocol):
 
     def _set_cancel_target(self, ctx: _Ctx) -> None: ...
 
+    def _script_failed(self, project_dir: str, variables: dict[str, str]) -> None: ...
+
 
 class _BuildState:
     """common.Build for one job: variables, directories."""
