@@ -49,6 +49,11 @@ class CommandError(SystemFailure):
         super().__init__(message)
 
 
+
+class CiConfigError(NspawnRunnerError):
+    """A .gitlab-ci.yml that GitLab would reject, or a job using what `exec` cannot do."""
+
+
 def _protocol_code(variable: str, default: int) -> int:
     # gitlab-runner publishes the codes it expects; it hard-codes 1 and 2 today.
     try:
