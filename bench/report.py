@@ -39,8 +39,10 @@ def times(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """A plain-text table: the first column left-aligned, the others right-aligned."""
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]],
+          left: Sequence[int] = (0,)) -> str:
+    """A plain-text table: the columns numbered in `left` left-aligned (the first one by
+    default), the others (figures) right-aligned."""
     lines = [list(headers), *[list(r) for r in rows]]
     for row in lines:
         if len(row) != len(headers):
@@ -48,8 +50,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(headers))]
 
     def fmt(row: list[str]) -> str:
-        cells = [row[0].ljust(widths[0])]
-        cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+        cells = [cell.ljust(width) if i in left else cell.rjust(width)
+                 for i, (cell, width) in enumerate(zip(row, widths, strict=True))]
         return "  ".join(cells).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
@@ -101,12 +103,12 @@ def pool_target(pooled_job: float | None, shell_job: float) -> Target:
 
 
 def concurrency_target(ours_jpm: float, shell_jpm: float, all_ok: bool,
-                       clean: bool) -> Target:
+                       clean: bool, jobs: int = 8) -> Target:
     met = ours_jpm >= shell_jpm and all_ok and clean
     detail = f"{ours_jpm:.0f} vs {shell_jpm:.0f} jobs/min"
     detail += "" if all_ok else ", some failed"
     detail += "" if clean else ", leftovers"
-    return Target("8 concurrent jobs", ">= shell's jobs/min, all succeed, nothing left",
+    return Target(f"{jobs} concurrent jobs", ">= shell's jobs/min, all succeed, nothing left",
                   detail, met)
 
 
@@ -170,6 +172,7 @@ def parse_importtime(text: str) -> list[Import]:
 
 
 def walk(nodes: Iterable[Import]) -> Iterable[Import]:
+    """Pre-order: the order in which the imports started."""
     for node in nodes:
         yield node
         yield from walk(node.children)
@@ -178,25 +181,37 @@ def walk(nodes: Iterable[Import]) -> Iterable[Import]:
 @dataclass(frozen=True)
 class PackageTime:
     package: str
-    ms: float  # exclusive: its own modules, not what they imported from other packages
-    imported_by: str  # the package that imported it first ("" for the entry point)
+    # Its modules' own times plus those of the standard-library modules it was the first to
+    # import (they would not be loaded without it); not other packages'.
+    ms: float
+    imported_by: str  # the package that imported it first; "" for the entry point's code
 
 
 @dataclass(frozen=True)
 class ImportSummary:
     total_ms: float
-    packages: list[PackageTime]  # largest first
+    packages: list[PackageTime]  # largest first; they add up to total_ms
+
+
+def _charged_to(node: Import) -> str:
+    """A standard-library module's time goes to the nearest package that imported it; only
+    what the interpreter or the entry point itself imports stays "stdlib"."""
+    current: Import | None = node
+    while current is not None and current.package == "stdlib":
+        current = current.parent
+    return current.package if current is not None else "stdlib"
 
 
 def import_summary(roots: Sequence[Import]) -> ImportSummary:
-    """Total import time, and per package its exclusive time (the packages add up to the
-    total) and who imported it first."""
+    """Total import time, and per package the time its import cost (see PackageTime) and
+    who imported it first."""
     total = sum(r.cumulative_us for r in roots)
     own: dict[str, int] = {}
     via: dict[str, str] = {}
     for node in walk(roots):
+        charged = _charged_to(node)
+        own[charged] = own.get(charged, 0) + node.self_us
         pkg = node.package
-        own[pkg] = own.get(pkg, 0) + node.self_us
         if pkg not in via and pkg != "stdlib":
             parent = node.parent
             while parent is not None and parent.package in (pkg, "stdlib"):

@@ -117,9 +117,9 @@ class Bench:
             path.write_text(text)
         return path
 
-    def runner_config(self, v: Variant, prefix: Sequence[str] = ()) -> RunnerConfig:
-        """gitlab-runner's [runners.custom] for the variant; `prefix` goes before every
-        nspawn-runner call (python -X importtime)."""
+    def runner_config(self, v: Variant, exe: Sequence[str] = (NR,)) -> RunnerConfig:
+        """gitlab-runner's [runners.custom] for the variant; `exe` runs nspawn-runner
+        (python -X importtime SCRIPT, say)."""
         if v.driver == SHELL:
             sd = os.fspath(SHELL_DRIVER)
             return RunnerConfig(
@@ -129,7 +129,6 @@ class Bench:
                 extra_process_env={"SHELL_DRIVER_ROOT": os.fspath(v.root),
                                    "SHELL_DRIVER_BACKEND": v.backend,
                                    "SHELL_DRIVER_IMAGE": IMAGE})
-        exe = [*prefix, NR]
         pool = self.pool_size if v.driver == POOLED else 0
         return RunnerConfig(
             config_exec=[*exe, "config"], prepare_exec=[*exe, "prepare"],
@@ -145,9 +144,9 @@ class Bench:
         kw.setdefault("after_script", ["echo after"])
         return Job(script=list(script), job_id=next(self._ids), image=IMAGE, **kw)
 
-    def run(self, v: Variant, job: Job, prefix: Sequence[str] = (),
+    def run(self, v: Variant, job: Job, exe: Sequence[str] = (NR,),
             live: Callable[[str], None] | None = None) -> JobResult:
-        result = run_job(self.runner_config(v, prefix), job, live_output=live, timeout=600)
+        result = run_job(self.runner_config(v, exe), job, live_output=live, timeout=600)
         if result.status != "success":
             raise BenchError(f"{v.name}: job {job.job_id} {result.status}: {result.error}\n"
                              + result.plain_log[-3000:] + result.runner_log[-2000:])
@@ -578,7 +577,7 @@ def imports(bench: Bench, rounds: int) -> dict[str, Any]:
     v = Variant(OURS, "btrfs")
     summaries: dict[str, list[report.ImportSummary]] = {}
     for _ in range(rounds):
-        result = bench.run(v, bench.job(), prefix=[python, "-X", "importtime", script])
+        result = bench.run(v, bench.job(), exe=[python, "-X", "importtime", script])
         for call in result.calls:
             roots = report.parse_importtime(call.output_text)
             summaries.setdefault(call.kind, []).append(report.import_summary(roots))
@@ -626,7 +625,7 @@ def targets(results: dict[str, Any], backend: str) -> list[Target]:
     if cs and co:
         out.append(report.concurrency_target(
             co["jobs_per_minute"]["median"], cs["jobs_per_minute"]["median"],
-            co["all_succeeded"], not co["left_behind"]))
+            co["all_succeeded"], not co["left_behind"], co["jobs"]))
     if "images" in results and backend == "btrfs":
         out.append(report.image_target(results["images"]["warm"]["median"]))
     return out
@@ -637,7 +636,8 @@ def render(results: dict[str, Any], backends: Sequence[str]) -> str:
     parts: list[str] = []
     meta = results["meta"]
     parts.append(f"nspawn-runner benchmark, {meta['date']} ({meta['label']}), systemd "
-                 f"{meta['systemd']}, {meta['cpus']} CPUs, load {meta['load_before']}")
+                 f"{meta['systemd']}, {meta['cpus']} CPUs, load average {meta['load_before']} "
+                 f"before, {meta.get('load_after', '?')} after")
     life = results.get("lifecycle")
     if life:
         pooled = any(k.startswith(POOLED) for k in life)
@@ -707,16 +707,17 @@ def render(results: dict[str, Any], backends: Sequence[str]) -> str:
                          ", ".join(f"{p['package']} {p['ms']:.0f}"
                                    + (f" (via {p['imported_by']})" if p["imported_by"] else "")
                                    for p in top)])
-        parts.append("Imports per stage call under python -X importtime (medians, ms; "
-                     "exclusive per package)\n"
-                     + report.table(["call", "imports", "largest packages"], rows))
+        parts.append("Imports per stage call under python -X importtime (medians, ms; a "
+                     "package with the stdlib modules it pulled in)\n"
+                     + report.table(["call", "imports", "largest packages"], rows, left=(0, 2)))
     for b in backends:
         ts = [Target(**t) for t in results.get("targets", {}).get(b, [])]
         if ts:
             rows = [[t.name, t.wanted, t.measured,
                      {True: "met", False: "NOT MET", None: "-"}[t.met]] for t in ts]
             parts.append(f"Targets of issue 10 on {b}\n"
-                         + report.table(["target", "wanted", "measured", ""], rows))
+                         + report.table(["target", "wanted", "measured", ""], rows,
+                                        left=(0, 1, 2, 3)))
     return "\n\n".join(parts) + "\n"
 
 
@@ -825,6 +826,7 @@ def main(argv: Sequence[str]) -> int:
         left, _ = wait_clean(30)
         results["left_behind_at_end"] = left
         shutil.rmtree(workdir, ignore_errors=True)
+    results["meta"]["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     results["targets"] = {b: [asdict(t) for t in targets(results, b)] for b in args.backend_list}
     results["error"] = failed
     args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -38,6 +38,8 @@ def test_table_aligns_first_column_left_and_the_others_right() -> None:
         "config       4.0 ms  0.170 s",
         "run (each)  34.1 ms  68.0 ms",
     ]
+    assert report.table(["a", "b"], [["x", "long"]], left=(0, 1)).splitlines()[2] == "x  long"
+    assert report.table(["a", "b"], [["x", "long"]]).splitlines()[0] == "a     b"
     with pytest.raises(ValueError, match="2 cells"):
         report.table(["a", "b", "c"], [["1", "2"]])
 
@@ -77,7 +79,8 @@ import time:       100 |        100 |   _io
 import time:       200 |        300 | encodings
 import time:        50 |         50 |       pydantic.fields
 import time:      4000 |       4050 |     pydantic
-import time:      3000 |       3000 |     rich
+import time:       400 |        400 |       textwrap
+import time:      2600 |       3000 |     rich
 import time:       950 |       8000 |   typer
 import time:      1000 |       9000 | nspawn_runner.cli
 noise from the program itself
@@ -93,14 +96,15 @@ def test_parse_importtime_builds_the_tree() -> None:
     assert typer.children[0].children[0].parent is typer.children[0]
 
 
-def test_import_summary_is_exclusive_per_package_with_the_importer() -> None:
+def test_import_summary_charges_packages_and_the_stdlib_they_pull_in() -> None:
     s = report.import_summary(report.parse_importtime(IMPORTTIME))
     assert s.total_ms == 9.3
     by = {p.package: p for p in s.packages}
     assert by["pydantic"].ms == 4.05 and by["pydantic"].imported_by == "typer"
+    assert by["rich"].ms == 3.0  # with the textwrap it imported
     assert by["typer"].imported_by == "nspawn_runner"
     assert by["nspawn_runner"].imported_by == ""
-    assert by["stdlib"].ms == 0.3
+    assert by["stdlib"].ms == 0.3  # what the interpreter imported by itself
     assert sum(p.ms for p in s.packages) == pytest.approx(s.total_ms)
     assert s.packages[0].package == "pydantic"
 
