@@ -377,6 +377,8 @@ def used_bytes(v: Variant) -> int:
     share extents, so du would count the whole image); overlay: the upper directories (the
     ext4 root is shared with the rest of the machine)."""
     if v.backend == "btrfs":
+        # Deleted snapshots are freed in the background: wait for that, then commit.
+        sh("btrfs", "subvolume", "sync", os.fspath(v.root))
         sh("sync", "-f", os.fspath(v.root))
         st = os.statvfs(v.root)
         return (st.f_blocks - st.f_bfree) * st.f_frsize
@@ -631,9 +633,17 @@ def targets(results: dict[str, Any], backend: str) -> list[Target]:
     return out
 
 
-def render(results: dict[str, Any], backends: Sequence[str]) -> str:
+def render(results: dict[str, Any], backends: Sequence[str], markdown: bool = False) -> str:
+    """The tables, as plain text or as Markdown (for docs/performance.md)."""
     f, x = report.seconds, report.times
     parts: list[str] = []
+
+    def section(title: str, headers: Sequence[str], rows: list[list[str]],
+                left: Sequence[int] = (0,)) -> str:
+        if markdown:
+            return f"**{title}**\n\n" + report.markdown_table(headers, rows)
+        return f"{title}\n" + report.table(headers, rows, left)
+
     meta = results["meta"]
     parts.append(f"nspawn-runner benchmark, {meta['date']} ({meta['label']}), systemd "
                  f"{meta['systemd']}, {meta['cpus']} CPUs, load average {meta['load_before']} "
@@ -652,8 +662,8 @@ def render(results: dict[str, Any], backends: Sequence[str]) -> str:
                         x(report.ratio(p["job"]["median"], s["job"]["median"])) if p else "-"]
             rows.append(row)
         n = int(next(iter(life.values()))["job"]["n"])
-        parts.append(f"Whole trivial job, config + prepare + 6 run stages + cleanup (median of "
-                     f"{n} after {meta['warmup']} warm-up)\n" + report.table(head, rows))
+        parts.append(section(f"Whole trivial job, config + prepare + 6 run stages + cleanup "
+                             f"(median of {n} after {meta['warmup']} warm-up)", head, rows))
     if life and ("stages" in results["parts"] or "first-command" in results["parts"]):
         keys = [k for k in (*STAGE_KEYS, "first_command")
                 if (k != "first_command" or "first-command" in results["parts"])
@@ -668,15 +678,15 @@ def render(results: dict[str, Any], backends: Sequence[str]) -> str:
                 s, o = life[f"{SHELL}/{b}"][key]["median"], life[f"{OURS}/{b}"][key]["median"]
                 row += [f(s), f(o), f"{(o - s) * 1000:+.0f} ms"]
             rows.append(row)
-        parts.append("Stage calls and the first command (medians; first command = prepare's "
-                     "start to the first line\nof output from inside)\n"
-                     + report.table(head, rows))
+        parts.append(section("Stage calls and the first command (medians; first command = "
+                             "prepare's start to the first line of output from inside)",
+                             head, rows))
     start = results.get("startup")
     if start:
         rows = [[name, f(s["median"]), f(s["min"]), f(s["max"])] for name, s in start.items()]
-        parts.append(f"CLI start-up on {results['startup_backend']} (median of "
-                     f"{int(next(iter(start.values()))['n'])})\n"
-                     + report.table(["command", "median", "min", "max"], rows))
+        parts.append(section(f"CLI start-up on {results['startup_backend']} (median of "
+                             f"{int(next(iter(start.values()))['n'])})",
+                             ["command", "median", "min", "max"], rows))
     conc = results.get("concurrent")
     if conc:
         rows = []
@@ -686,18 +696,19 @@ def render(results: dict[str, Any], backends: Sequence[str]) -> str:
                          "yes" if c["all_succeeded"] else "NO",
                          str(len(c["left_behind"])), f(c["clean_after_max"])])
         c0 = next(iter(conc.values()))
-        parts.append(f"{c0['jobs']} concurrent jobs on one image (median of {c0['rounds']} "
-                     "batches)\n" + report.table(
-                         ["variant", "jobs/min", "wall", "disk/job", "all ok", "left",
-                          "clean after"], rows))
+        parts.append(section(f"{c0['jobs']} concurrent jobs on one image (median of "
+                             f"{c0['rounds']} batches)",
+                             ["variant", "jobs/min", "wall", "disk/job", "all ok", "left",
+                              "clean after"], rows))
     img = results.get("images")
     if img:
         rows = [[kind, f(img[kind]["median"]), f(img[kind]["min"]), f(img[kind]["max"])]
                 for kind in ("cold", "warm")]
-        parts.append(f"chroot-create of the default image ({int(img['cold']['n'])} rounds, "
-                     f"mirror {img['mirror']}; {img['package_cache_bytes'] / 1e6:.0f} MB of "
-                     f"packages, image {img['image_bytes'] / 1e6:.0f} MB)\n"
-                     + report.table(["package cache", "median", "min", "max"], rows))
+        parts.append(section(f"chroot-create of the default image ({int(img['cold']['n'])} "
+                             f"rounds, mirror {img['mirror']}; "
+                             f"{img['package_cache_bytes'] / 1e6:.0f} MB of packages, image "
+                             f"{img['image_bytes'] / 1e6:.0f} MB)",
+                             ["package cache", "median", "min", "max"], rows))
     imp = results.get("imports")
     if imp:
         rows = []
@@ -707,17 +718,17 @@ def render(results: dict[str, Any], backends: Sequence[str]) -> str:
                          ", ".join(f"{p['package']} {p['ms']:.0f}"
                                    + (f" (via {p['imported_by']})" if p["imported_by"] else "")
                                    for p in top)])
-        parts.append("Imports per stage call under python -X importtime (medians, ms; a "
-                     "package with the stdlib modules it pulled in)\n"
-                     + report.table(["call", "imports", "largest packages"], rows, left=(0, 2)))
+        parts.append(section("Imports per stage call under python -X importtime (medians, ms; "
+                             "a package with the stdlib modules it pulled in)",
+                             ["call", "imports", "largest packages"], rows, left=(0, 2)))
     for b in backends:
         ts = [Target(**t) for t in results.get("targets", {}).get(b, [])]
         if ts:
             rows = [[t.name, t.wanted, t.measured,
                      {True: "met", False: "NOT MET", None: "-"}[t.met]] for t in ts]
-            parts.append(f"Targets of issue 10 on {b}\n"
-                         + report.table(["target", "wanted", "measured", ""], rows,
-                                        left=(0, 1, 2, 3)))
+            parts.append(section(f"Targets of issue 10 on {b}",
+                                 ["target", "wanted", "measured", "result"], rows,
+                                 left=(0, 1, 2, 3)))
     return "\n\n".join(parts) + "\n"
 
 
@@ -756,6 +767,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--no-images", action="store_true", help="skip the images part")
     p.add_argument("--json", type=Path, default=HERE / "results" / "latest.json")
     p.add_argument("--label", default="", help="e.g. the commit measured")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="measure nothing: print the tables of an earlier run's JSON")
+    p.add_argument("--markdown", action="store_true", help="with --render: as Markdown")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in PARTS]
@@ -775,6 +789,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    if args.render:
+        earlier = json.loads(args.render.read_text())
+        backends = [b for b in ROOTS if b in earlier.get("targets", {})]
+        print(render(earlier, backends, args.markdown), end="")
+        return 0
     if os.geteuid() != 0 or not os.path.isdir("/run/systemd/system"):
         log("needs root and systemd as PID 1: run it in the test bed with bench/run")
         return 2
