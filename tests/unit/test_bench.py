@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import report
 import run as bench_run
+import variants
 from mirror import deb_key, parse_packages, release_sha256
 
 
@@ -127,9 +128,9 @@ def test_release_and_packages_index() -> None:
 
 
 def test_rotated_puts_each_variant_first_in_turn() -> None:
-    vs = [bench_run.Variant(d, "btrfs") for d in ("shell", "nspawn-runner", "x")]
-    assert [v.driver for v in bench_run.rotated(vs, 1)] == ["nspawn-runner", "x", "shell"]
-    assert bench_run.rotated(vs, 3) == vs
+    vs = [variants.Variant(d, "btrfs") for d in ("shell", "nspawn-runner", "x")]
+    assert [v.driver for v in variants.rotated(vs, 1)] == ["nspawn-runner", "x", "shell"]
+    assert variants.rotated(vs, 3) == vs
 
 
 def test_options() -> None:
