@@ -220,8 +220,8 @@ def _machined(host: Host) -> Check:
         found = host.machines()
     except SystemFailure as e:
         return Check("machined (D-Bus)", Status.FAIL, str(e),
-                     "`machinectl list` must work; the driver's Python needs pydbus (python3-gi "
-                     "and python3-pydbus; a venv made with --system-site-packages)")
+                     "`machinectl list` must work: install systemd-container, start "
+                     "systemd-machined and the system bus (dbus)")
     # machined always lists the host itself as ".host".
     running = len([m for m in found if m != ".host"])
     return Check("machined (D-Bus)", Status.OK,

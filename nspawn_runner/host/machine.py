@@ -164,8 +164,10 @@ def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int) -
     # 5: unit not loaded, i.e. already gone.
     if result.returncode not in (0, 5):
         raise CommandError(["systemctl", "stop", unit], result.returncode, result.stderr)
-    proc.run(["systemctl", "reset-failed", unit], check=False)
-    machined.wait_gone(machine, timeout=10)
+    if result.returncode == 0:
+        # Only a unit that was there can leave a failed state or a registration behind.
+        proc.run(["systemctl", "reset-failed", unit], check=False)
+        machined.wait_gone(machine, timeout=10)
     if overlay is not None and overlay.exists():
         fs.remove_tree(overlay)
 

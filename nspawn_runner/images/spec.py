@@ -1,6 +1,6 @@
 """The image file: `<images_config_dir>/<NAME>.toml` says how image NAME is created and
-provisioned, and which per-image limits prepare applies. Read (and written, comments kept) with
-tomlkit; the result is a frozen `ImageSpec`. See docs/images.md for the keys."""
+provisioned, and which per-image limits prepare applies. Read with tomllib, written with tomlkit
+(comments kept); the result is a frozen `ImageSpec`. See docs/images.md for the keys."""
 
 from __future__ import annotations
 
@@ -176,16 +176,16 @@ def names(settings: Settings) -> list[str]:
 
 
 def read(path: Path) -> dict[str, Any]:
-    import tomlkit
-    from tomlkit.exceptions import ParseError
+    # tomllib: prepare reads the image file for every job; `save` uses tomlkit to keep comments.
+    import tomllib
 
     try:
         text = path.read_text()
     except OSError as e:
         raise ImageFileError(f"cannot read image file {path}: {e.strerror}") from None
     try:
-        return dict(tomlkit.parse(text).unwrap())
-    except ParseError as e:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise ImageFileError(f"image file {path} is not valid TOML: {e}; fix the syntax") from None
 
 
