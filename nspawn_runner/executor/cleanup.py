@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nspawn_runner import layout, log
 from nspawn_runner.executor import identity, state
-from nspawn_runner.host import machine
+from nspawn_runner.host import machine, network
 from nspawn_runner.settings import Settings
 
 
@@ -19,6 +19,7 @@ def cleanup(cfg: Settings) -> None:
     overlay = Path(saved.overlay) if saved and saved.overlay else layout.overlay_dir(
         root, this.machine)
     machine.teardown(this.machine, this.unit, overlay, cfg.stop_timeout)
+    network.release(this.machine)
     state.remove(this.machine)
     log.debug(f"machine {this.machine} removed")
     if saved and saved.image_id:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nspawn_runner import layout, log, proc
 from nspawn_runner.executor import identity, state
-from nspawn_runner.host import fs, machine, machined
+from nspawn_runner.host import fs, machine, machined, network
 from nspawn_runner.settings import Settings
 
 
@@ -73,6 +73,7 @@ def collect(cfg: Settings, grace: float) -> list[str]:
         removed.append(f"machine {name}: unit {unit} without a job")
 
     live = {u.removeprefix(identity.UNIT_PREFIX).removesuffix(".service") for u in _units()}
+    removed += network.collect(live | {n for n in states if state.path(n).exists()}, grace)
     overlays = layout.overlays_dir(cfg.root)
     for path in sorted(overlays.iterdir()) if overlays.is_dir() else []:
         if path.name in live or path.name in states or _age(path, now) < grace:

@@ -5,6 +5,7 @@ contract; config.py, run.py and cleanup.py are the other stages."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 from nspawn_runner import layout, log, settings
 from nspawn_runner.errors import SystemFailure
 from nspawn_runner.executor import identity, state
-from nspawn_runner.host import backends, limits, machine
+from nspawn_runner.host import backends, limits, machine, network
 from nspawn_runner.images import names
 from nspawn_runner.settings import Settings
 
@@ -113,6 +114,7 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
     # A crashed runner or a killed earlier attempt may have left this job's machine behind.
     machine.teardown(this.machine, this.unit, layout.overlay_dir(cfg.root, this.machine),
                      cfg.stop_timeout)
+    network.release(this.machine)
     state.remove(this.machine)
     log.info(f"nspawn-runner: booting machine {this.machine} from image {spec.image!r} "
              f"({spec.backend} backend)")
@@ -128,7 +130,10 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
     # while it boots.
     state.write(saved)
     try:
-        machine.boot(spec)
+        net = network.attach(this.machine, cfg.network_options(lim.network))
+        machine.boot(dataclasses.replace(
+            spec, nspawn_options=spec.nspawn_options + net.nspawn_options))
+        network.wait_usable(this.machine, net, spec.image)
         if lim.user != "root":
             # The step status directory too: the job's shell writes its exit status there.
             home = machine.ensure_user(this.machine, lim.user,
@@ -138,6 +143,7 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
             state.write(saved)
     except BaseException:
         machine.teardown(this.machine, this.unit, spec.overlay, cfg.stop_timeout)
+        network.release(this.machine)
         state.remove(this.machine)
         raise
     log.info(f"nspawn-runner: machine {this.machine} ready in {time.monotonic() - start:.1f}s")

@@ -20,10 +20,9 @@ def test_unit_properties_and_nspawn_args() -> None:
     assert lim.unit_properties() == [
         "--property=CPUWeight=50", "--property=CPUQuota=200%", "--property=MemoryHigh=6G",
         "--property=MemoryMax=8G", "--property=TasksMax=4096", "--property=RuntimeMaxSec=3600"]
-    assert lim.nspawn_args() == ["--private-network", "--bind-ro=/srv/data:/data",
-                                 "--setenv=A=b"]
+    # The network's options come from host/network.py (tests/unit/test_network.py).
+    assert lim.nspawn_args() == ["--bind-ro=/srv/data:/data", "--setenv=A=b"]
     assert Limits().unit_properties() == [] and Limits().nspawn_args() == []
-    assert Limits(network="veth").nspawn_args() == ["--network-veth"]
 
 
 def test_private_users_idmaps_binds() -> None:
