@@ -18,7 +18,7 @@ from pathlib import Path
 from nspawn_runner import layout, settings, table
 from nspawn_runner.errors import CommandError, SystemFailure
 from nspawn_runner.executor import identity
-from nspawn_runner.host import backends, fs, network
+from nspawn_runner.host import backends, fs, netplan, network
 from nspawn_runner.host.backends import Backend
 from nspawn_runner.images import names as image_names
 from nspawn_runner.images import spec
@@ -142,13 +142,13 @@ class Host:
         return network.networkd_active()
 
     def has_ipv6(self) -> bool:
-        return network.host_has_ipv6()
+        return netplan.host_has_ipv6()
 
     def ipv4_networks(self) -> list[str]:
-        return [str(n) for n in network.host_ipv4_networks()]
+        return [str(n) for n in netplan.host_ipv4_networks()]
 
     def resolvers(self, cfg: Settings) -> tuple[str, str]:
-        return network.resolvers(cfg.network_dns)
+        return netplan.resolvers(cfg.network_dns)
 
     def network_probe(self, cfg: Settings, image: str, path: Path, timeout: int,
                       target: tuple[str, int] | None) -> str:
@@ -399,7 +399,7 @@ def _network(host: Host, cfg: Settings, image: tuple[str, Path] | None,
              cannot_boot: str, boot_timeout: int) -> list[Check]:
     """Job networking (docs/networking.md): the mode, then for "isolated" what the host
     needs, and a job-like machine that must get out."""
-    doc = network.DOCS
+    doc = netplan.DOCS
     if cfg.network == "host":
         return [Check("network", Status.WARN,
                       'network = "host": jobs share the host\'s network, so every service '
@@ -407,7 +407,7 @@ def _network(host: Host, cfg: Settings, image: tuple[str, Path] | None,
                       "every job", f'network = "isolated" ({doc})')]
     if cfg.network == "none":
         return [Check("network", Status.OK, 'network = "none": jobs have only loopback')]
-    v6 = ("IPv6 from " + str(network.ula_prefix()) if host.has_ipv6()
+    v6 = ("IPv6 from " + str(netplan.ula_prefix()) if host.has_ipv6()
           else "IPv4 only (the host has no IPv6 default route)")
     checks = [Check("network", Status.OK, f'network = "isolated": a zone per job, /28s of '
                     f"{cfg.network_ipv4_pool}, {v6}")]
@@ -420,8 +420,8 @@ def _network(host: Host, cfg: Settings, image: tuple[str, Path] | None,
     else:
         checks.append(Check("networkd", Status.FAIL,
                             "systemd-networkd is not running: isolated jobs get no address",
-                            f"{network.NETWORKD_FIX} ({doc}), or set network = \"host\""))
-    clash = network.pool_conflicts(cfg.network_ipv4_pool, host.ipv4_networks())
+                            f"{netplan.NETWORKD_FIX} ({doc}), or set network = \"host\""))
+    clash = netplan.pool_conflicts(cfg.network_ipv4_pool, host.ipv4_networks())
     if clash:
         checks.append(Check("network pool", Status.FAIL,
                             f"network_ipv4_pool {cfg.network_ipv4_pool} overlaps the host's "
@@ -429,7 +429,7 @@ def _network(host: Host, cfg: Settings, image: tuple[str, Path] | None,
                             "set network_ipv4_pool to a private range the host does not use"))
     try:
         text, source = host.resolvers(cfg)
-        servers = network.parse_resolv_conf(text)[0]
+        servers = netplan.parse_resolv_conf(text)[0]
         checks.append(Check("name resolution", Status.OK,
                             f"jobs use {', '.join(servers)} (from {source})"))
     except SystemFailure as e:

@@ -13,7 +13,7 @@ from typing import Any
 from nspawn_runner import layout, schema, table
 from nspawn_runner.errors import SystemFailure
 from nspawn_runner.host import limits
-from nspawn_runner.host import network as net
+from nspawn_runner.host import netplan as net
 
 BACKENDS = ("auto", "btrfs", "overlay", "volatile")
 

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from nspawn_runner.host import network
+from nspawn_runner.host import netplan
 from nspawn_runner.host.backends import escape
 
 _SIZE = re.compile(r"^[0-9]+[KMGT]?$|^[0-9]{1,3}%$|^infinity$")
@@ -111,8 +111,8 @@ def parse_tasks(value: int) -> int:
 
 def parse_network(value: str) -> str:
     try:
-        return network.parse_mode(value)
-    except network.BadSetting as e:
+        return netplan.parse_mode(value)
+    except netplan.BadSetting as e:
         raise LimitError(str(e)) from None
 
 

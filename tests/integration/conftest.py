@@ -22,7 +22,7 @@ import pytest
 import tomlkit
 from gitlab_emulator import Job, JobResult, RunnerConfig, run_job
 
-from nspawn_runner.host import network
+from nspawn_runner.host import netplan
 
 FAKE_GITLAB_RUNNER = Path(__file__).resolve().parents[1] / "fixtures" / "fake-gitlab-runner"
 ROOTS = {
@@ -134,7 +134,7 @@ def network_leftovers() -> list[str]:
         out = sh("nft", "list", "set", family, "io.systemd.nat", "masq_saddr", check=False)
         if "elements" in out:
             found.append(f"masquerading ({family}): {' '.join(out.split('elements =')[1].split())}")
-    pools = (ipaddress.ip_network(network.DEFAULT_IPV4_POOL), network.ula_prefix())
+    pools = (ipaddress.ip_network(netplan.DEFAULT_IPV4_POOL), netplan.ula_prefix())
     for link in json.loads(sh("ip", "-j", "address")):
         for addr in link.get("addr_info", []):
             if any(ipaddress.ip_address(addr["local"]) in pool for pool in pools):

@@ -27,7 +27,7 @@ from test_operations import gc, machines_of, wait_for
 
 OUTSIDE = Path("/srv/outside")
 UPLINK = "198.51.100.2"  # the bed host's own address on its uplink
-GUEST_FILE = "/run/systemd/network/10-nspawn-runner.network"
+GUEST_FILE = "/etc/systemd/network/10-nspawn-runner.network"
 # Shell helpers for job scripts: bash's /dev/tcp, as minimal images have no curl.
 FETCH = ('fetch() { exec 3<>"/dev/tcp/$1/$2" || return 1; printf "GET /%s HTTP/1.0\\r\\n'
          'Host: %s\\r\\n\\r\\n" "$3" "$1" >&3; cat <&3; exec 3<&-; }')
@@ -201,8 +201,10 @@ def test_host_and_none_networks(driver: Driver, page: tuple[str, str]) -> None:
 def test_image_without_networkd_is_named_at_prepare(driver: Driver) -> None:
     image = driver.make_image("t-nonetworkd")
     try:
+        # As if it had none: not enabled, and masked (a disabled one gets started).
         for link in (image / "etc/systemd/system").rglob("systemd-networkd*"):
             link.unlink()
+        (image / "etc/systemd/system/systemd-networkd.service").symlink_to("/dev/null")
         result = driver.run(driver.job(["true"], image="t-nonetworkd"))
         assert result.status == "system_failure"
         assert "image 't-nonetworkd' does not run systemd-networkd" in result.log

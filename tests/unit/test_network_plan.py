@@ -1,6 +1,6 @@
-"""host/network.py without a host: settings parsers, names, the address plan, resolv.conf
-detection and the files and rules it writes (tests/integration/test_network.py runs them on
-real systemd)."""
+"""host/netplan.py without a host: settings parsers, names, the address plan, resolv.conf
+detection and the files and rules host/network.py writes (tests/integration/test_network.py
+runs them on real systemd)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from nspawn_runner import settings
 from nspawn_runner.errors import SystemFailure
-from nspawn_runner.host import network
+from nspawn_runner.host import netplan as network
 from nspawn_runner.settings import SettingsError
 
 
@@ -145,3 +145,14 @@ def test_addresses_are_valid_networks() -> None:
     for index in (0, 1, 4095):
         sub = network.subnet("10.223.0.0/16", index, ipv6=True, machine_id="x")
         assert sub.v4.subnet_of(ipaddress.IPv4Network("10.223.0.0/16"))
+
+
+def test_ready_unit_escapes_the_shell_for_systemd() -> None:
+    unit = network.ready_unit_text(ipv6=True)
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    # systemd turns $$ into $; a single $ would be expanded by systemd, not by the shell.
+    assert '[ -x "$$w" ] && exec "$$w"' in exec_start and " $w" not in exec_start
+    assert "--interface=host0 --operational-state=routable -4 -6 --timeout=10" in exec_start
+    assert "Before=multi-user.target" in unit
+    assert "ExecStartPost=/bin/touch /run/nspawn-runner/network-ready" in unit
+    assert " -6" not in network.ready_unit_text(ipv6=False)
