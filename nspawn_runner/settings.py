@@ -13,6 +13,7 @@ from typing import Any
 from nspawn_runner import layout, schema, table
 from nspawn_runner.errors import SystemFailure
 from nspawn_runner.host import limits
+from nspawn_runner.host import netplan as net
 
 BACKENDS = ("auto", "btrfs", "overlay", "volatile")
 
@@ -42,7 +43,11 @@ class Settings:
     memory_max: str = ""
     tasks_max: int = 0
     max_job_duration: int = 0
-    network: str = "host"
+    network: str = "isolated"
+    network_ipv4_pool: str = net.DEFAULT_IPV4_POOL
+    network_host_ports: tuple[str, ...] = ()
+    network_dns: tuple[str, ...] = ()
+    network_check_url: str = ""
     user: str = "root"
     private_users: bool = False
     binds: tuple[str, ...] = ()
@@ -62,6 +67,11 @@ class Settings:
     @property
     def package_cache_dir(self) -> Path:
         return Path(self.package_cache) if self.package_cache else layout.package_cache(self.root)
+
+    def network_options(self, mode: str) -> net.Options:
+        """For a job whose limits say network = `mode` (the image's file may override it)."""
+        return net.Options(mode=mode, ipv4_pool=self.network_ipv4_pool,
+                           host_ports=self.network_host_ports, dns=self.network_dns)
 
     def limits(self, **overrides: object) -> limits.Limits:
         """The limits for a job; `overrides` come from the image's file."""
@@ -116,6 +126,17 @@ def _each(check: Callable[[str], str]) -> schema.Parser:
                           (limits.LimitError,))
 
 
+def _network_list(check: Callable[[str], str]) -> schema.Parser:
+    return schema.checked(schema.str_list, lambda items: tuple(check(v) for v in items),
+                          (net.BadSetting,))
+
+
+def _non_negative(value: int) -> int:
+    if value < 0:
+        raise limits.LimitError("expected 0 or more")
+    return value
+
+
 SETTINGS: tuple[Row, ...] = (
     Row("root", _limit(schema.abs_path, limits.parse_state_root),
         "State root: images/, cache/, overlays/ live below it (a directory of its own, not a "
@@ -158,8 +179,21 @@ SETTINGS: tuple[Row, ...] = (
         "How long until a job's machine is stopped whatever happens (seconds, or '3h'; 0: no "
         "limit)."),
     Row("network", _limit(schema.string, limits.parse_network),
-        "host (share the host's network), private (loopback only) or veth (a link to the "
-        "host, configured by systemd-networkd on both ends)."),
+        "isolated (a network zone per job: the world, not the host's services or other "
+        "jobs; docs/networking.md), host (share the host's network, its 127.0.0.1 "
+        "included) or none (loopback only)."),
+    Row("network_ipv4_pool", schema.checked(schema.string, net.parse_ipv4_pool),
+        "Private IPv4 network from which each isolated job gets a /28; keep it clear of "
+        "the host's networks."),
+    Row("network_host_ports", _network_list(net.parse_host_port),
+        "Ports of the host that isolated jobs may reach, e.g. ['3142/tcp'] for a package "
+        "proxy; everything else on the host is refused."),
+    Row("network_dns", _network_list(net.parse_dns),
+        "DNS servers for isolated jobs; empty: the host's, or systemd-resolved's upstream "
+        "servers when /etc/resolv.conf names a loopback stub."),
+    Row("network_check_url", schema.string,
+        "URL that `check` reaches from a job's machine to prove isolated jobs get out "
+        "(e.g. your GitLab's); empty: not tried."),
     Row("user", _limit(schema.string, limits.parse_user),
         "User that runs job scripts; created in the machine with a home if missing."),
     Row("private_users", schema.boolean,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nspawn_runner import layout, log
 from nspawn_runner.executor import identity, state
-from nspawn_runner.host import fs, machine
+from nspawn_runner.host import fs, machine, network
 from nspawn_runner.settings import Settings
 
 
@@ -27,6 +27,7 @@ def cleanup(cfg: Settings) -> None:
     machine.teardown(this.machine, this.unit, overlay, cfg.stop_timeout)
     if saved and saved.snapshot and Path(saved.snapshot).name.startswith(".#machine."):
         fs.remove_tree(Path(saved.snapshot))
+    network.release(this.machine)
     state.remove(this.machine)
     log.debug(f"machine {this.machine} removed")
     if saved and saved.image_id:

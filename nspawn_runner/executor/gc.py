@@ -23,7 +23,7 @@ from pathlib import Path
 from nspawn_runner import layout, log, proc
 from nspawn_runner.errors import NspawnRunnerError
 from nspawn_runner.executor import identity, state
-from nspawn_runner.host import fs, machine, machined
+from nspawn_runner.host import fs, machine, machined, network
 from nspawn_runner.settings import Settings
 
 
@@ -143,6 +143,18 @@ def collect(cfg: Settings, grace: float, dry_run: bool = False) -> Report:
                           cfg.stop_timeout))
 
     live = {u.removeprefix(identity.UNIT_PREFIX).removesuffix(".service") for u in _units()}
+    if not dry_run:
+        # Leases, networkd files and bridges of machines that are gone (host/network.py).
+        try:
+            for line in network.collect(live | {n for n in states if state.path(n).exists()},
+                                        grace):
+                report.removed.append({"kind": "network", "item": line,
+                                       "reason": "no machine uses it"})
+                log.info(f"gc: removed {line}")
+        except (NspawnRunnerError, OSError) as e:
+            report.errors.append({"kind": "network", "item": "job networks",
+                                  "reason": "collecting", "error": str(e)})
+            log.error(f"gc: could not collect job networks: {e}")
     overlays = layout.overlays_dir(cfg.root)
     for path in sorted(overlays.iterdir()) if overlays.is_dir() else []:
         if path.name in live or path.name in states or _age(path, now) < grace:

@@ -10,12 +10,13 @@ import os
 import re
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 from nspawn_runner import layout, log, settings
 from nspawn_runner.errors import SystemFailure
 from nspawn_runner.executor import identity, state, status
-from nspawn_runner.host import backends, fs, limits, machine
+from nspawn_runner.host import backends, fs, limits, machine, netplan, network
 from nspawn_runner.images import names
 from nspawn_runner.settings import Settings
 
@@ -135,6 +136,17 @@ def runtime_max(lim: limits.Limits, this: identity.Job) -> int:
     return min(caps) if caps else 0
 
 
+def _has_mark(st: state.MachineState, name: str) -> bool:
+    """Whether a file `name` is in the machine's RESULTS_INSIDE (executor/status.py)."""
+    fd = status.open_dir(st.leader, st.status_dev)
+    if fd is None:
+        return False
+    try:
+        return status.exists(fd, name)
+    finally:
+        os.close(fd)
+
+
 def prepare(cfg: Settings, default_image: str = "") -> None:
     this = identity.load(secret_names=cfg.secret_variables)
     _check_host()
@@ -143,6 +155,7 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
     # A crashed runner or a killed earlier attempt may have left this job's machine behind.
     machine.teardown(this.machine, this.unit, layout.overlay_dir(cfg.root, this.machine),
                      cfg.stop_timeout)
+    network.release(this.machine)
     state.remove(this.machine)
     log.info(f"nspawn-runner: booting machine {this.machine} from image {spec.image!r} "
              f"({spec.backend} backend)")
@@ -168,7 +181,9 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
     else:
         state.write(saved)
     try:
-        machine.boot(spec)
+        net = network.attach(this.machine, cfg.network_options(lim.network))
+        machine.boot(dataclasses.replace(
+            spec, nspawn_options=spec.nspawn_options + net.nspawn_options))
         leader, root_dir = machine.describe(this.machine)
         saved = saved._replace(leader=leader, status_dev=status.device(leader),
                                snapshot=root_dir if spec.backend is backends.Backend.BTRFS
@@ -176,6 +191,8 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
         if not saved.status_dev:
             raise SystemFailure(f"machine {this.machine} booted, but its {layout.RESULTS_INSIDE} "
                                 "cannot be read from the host; see journalctl -u " + this.unit)
+        network.wait_usable(this.machine, net, spec.image,
+                            partial(_has_mark, saved, netplan.READY_MARK))
         if lim.user != "root":
             # The step status directory too: the job's shell writes its exit status there.
             home = machine.ensure_user(this.machine, lim.user,
@@ -185,6 +202,7 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
         state.write(saved)
     except BaseException:
         machine.teardown(this.machine, this.unit, spec.overlay, cfg.stop_timeout)
+        network.release(this.machine)
         state.remove(this.machine)
         raise
     log.info(f"nspawn-runner: machine {this.machine} ready in {time.monotonic() - start:.1f}s")

@@ -291,8 +291,20 @@ def finalize(name: str, target: Path, hostname: str | None) -> None:
     current = etc / "hostname"
     if hostname is not None or not current.is_file() or not current.read_text().strip():
         _write_plain(current, f"{hostname or name}\n")
+    enable_networkd(target)
     # What dpkg did not fsync (UNSAFE_IO) is on disk before the image can be used.
     proc.run(["sync", "--file-system", target])
+
+
+def enable_networkd(target: Path) -> None:
+    """A job with network = "isolated" gets its address from the machine's own networkd
+    (host/network.py). Images without it are left alone: prepare says what is missing."""
+    if not any(os.path.lexists(target / d / "systemd-networkd.service")
+               for d in ("usr/lib/systemd/system", "lib/systemd/system")):
+        log.debug(f"{target}: no systemd-networkd to enable")
+        return
+    proc.run(["systemctl", f"--root={target}", "--quiet", "enable",
+              "systemd-networkd.service"])
 
 
 def _write_plain(path: Path, text: str) -> None:

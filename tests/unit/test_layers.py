@@ -140,21 +140,21 @@ _STAGE_BASE = {"nspawn_runner", "nspawn_runner.main", "nspawn_runner.errors", "n
                "nspawn_runner.proc", "nspawn_runner.layout"}
 _SETTINGS = {"nspawn_runner.settings", "nspawn_runner.schema", "nspawn_runner.table",
              "nspawn_runner.host", "nspawn_runner.host.limits", "nspawn_runner.host.backends",
-             "nspawn_runner.host.fs"}
+             "nspawn_runner.host.fs", "nspawn_runner.host.netplan"}
 STAGE_PATHS: dict[str, set[str]] = {
     "config": _STAGE_BASE | _SETTINGS | {"nspawn_runner.executor",
                                          "nspawn_runner.executor.config"},
     "prepare": _STAGE_BASE | _SETTINGS | {
         "nspawn_runner.executor", "nspawn_runner.executor.prepare",
         "nspawn_runner.executor.identity", "nspawn_runner.executor.state",
-        "nspawn_runner.executor.status",
+        "nspawn_runner.executor.status", "nspawn_runner.host.network",
         "nspawn_runner.host.machine", "nspawn_runner.host.machined", "nspawn_runner.images",
         "nspawn_runner.images.names", "nspawn_runner.images.spec"},
     "run": _STAGE_BASE | RUN_HOT_PATH,
     "cleanup": _STAGE_BASE | _SETTINGS | {
         "nspawn_runner.executor", "nspawn_runner.executor.cleanup",
         "nspawn_runner.executor.identity", "nspawn_runner.executor.state",
-        "nspawn_runner.host.machine", "nspawn_runner.host.machined",
+        "nspawn_runner.host.machine", "nspawn_runner.host.machined", "nspawn_runner.host.network",
         # Pruning old image versions, still inline.
         "nspawn_runner.images", "nspawn_runner.images.names", "nspawn_runner.images.store"},
 }
@@ -204,7 +204,9 @@ def stage_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (image / "sbin").mkdir(parents=True)
     (image / "sbin" / "init").symlink_to("/lib/systemd/systemd")
     (tmp / "config.toml").write_text(f'root = "{tmp / "root"}"\nbackend = "overlay"\n'
-                                     f'images_config_dir = "{tmp / "images.d"}"\n')
+                                     f'images_config_dir = "{tmp / "images.d"}"\n'
+                                     # The stand-ins play no network (test_network.py does).
+                                     'network = "none"\n')
     (tmp / "response.json").write_text(json.dumps({"id": 77, "variables": []}))
     (tmp / "script").write_text("true\n")
     (tmp / "results").mkdir()

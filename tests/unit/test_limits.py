@@ -20,10 +20,9 @@ def test_unit_properties_and_nspawn_args() -> None:
     assert lim.unit_properties() == [
         "--property=CPUWeight=50", "--property=CPUQuota=200%", "--property=MemoryHigh=6G",
         "--property=MemoryMax=8G", "--property=TasksMax=4096", "--property=RuntimeMaxSec=3600"]
-    assert lim.nspawn_args() == ["--private-network", "--bind-ro=/srv/data:/data",
-                                 DROP, "--setenv=A=b"]
+    # The network's options come from host/network.py (tests/unit/test_network.py).
+    assert lim.nspawn_args() == ["--bind-ro=/srv/data:/data", DROP, "--setenv=A=b"]
     assert Limits().unit_properties() == [] and Limits().nspawn_args() == [DROP]
-    assert Limits(network="veth").nspawn_args() == ["--network-veth", DROP]
     # The job's own timeout bounds the machine; max_job_duration only when there is none.
     assert lim.unit_properties(600)[-1] == "--property=RuntimeMaxSec=600"
 
