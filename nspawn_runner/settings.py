@@ -57,6 +57,8 @@ class Settings:
     step_start_timeout: int = 60
     cache_max_age: int = 30 * 86400
     builds_max_age: int = 14 * 86400
+    suppress_sync: bool = False
+    boot_mask: tuple[str, ...] = limits.BOOT_MASK
     # Where each value came from ("default", a file path, an environment variable).
     origins: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -218,6 +220,13 @@ SETTINGS: tuple[Row, ...] = (
         "gc removes cache entries not written for this long, e.g. '30d' (0: never)."),
     Row("builds_max_age", schema.duration,
         "gc removes persistent builds directories not used for this long (0: never)."),
+    Row("suppress_sync", schema.boolean,
+        "systemd-nspawn --suppress-sync=yes: fsync() and sync() do nothing in the machine "
+        "(much faster package installs), but open() with O_SYNC or O_DSYNC fails, and what a "
+        "job writes to its cache may be lost if the host crashes."),
+    Row("boot_mask", _each(limits.parse_unit),
+        "Units masked when a machine boots (units a CI job never needs; faster boot). "
+        "The default list is in docs/performance-driver.md; [] masks none."),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.name != "origins"}
 # Tables people put in the settings file that belong elsewhere.

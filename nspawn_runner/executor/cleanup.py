@@ -1,14 +1,17 @@
-"""The cleanup stage: stop the job's machine and remove its writable layer. gitlab-runner calls
-it after every job and after every failed config or prepare attempt: idempotent."""
+"""The cleanup stage: stop the job's machine. gitlab-runner calls it after every job and after
+every failed config or prepare attempt: idempotent.
+
+It returns once systemd has the machine's stop job: the guest powers off, and the unit's
+ExecStopPost= (executor/reap.py) removes its writable layer, state and status files and an
+image version it was the last user of, after the job and off its path."""
 
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
-from nspawn_runner import layout, log
-from nspawn_runner.executor import identity, state
-from nspawn_runner.host import fs, machine, network
+from nspawn_runner import log
+from nspawn_runner.executor import identity, reap, state
+from nspawn_runner.host import machine
 from nspawn_runner.settings import Settings
 
 
@@ -20,23 +23,14 @@ def cleanup(cfg: Settings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     this = identity.load(secret_names=cfg.secret_variables)
     saved = state.read(this.machine)
-    # The settings may have changed since prepare; the state file knows what prepare did.
-    root = Path(saved.root) if saved else cfg.root
-    overlay = Path(saved.overlay) if saved and saved.overlay else layout.overlay_dir(
-        root, this.machine)
-    machine.teardown(this.machine, this.unit, overlay, cfg.stop_timeout)
-    if saved and saved.snapshot and Path(saved.snapshot).name.startswith(".#machine."):
-        fs.remove_tree(Path(saved.snapshot))
-    network.release(this.machine)
-    state.remove(this.machine)
-    log.debug(f"machine {this.machine} removed")
-    if saved and saved.image_id:
-        from nspawn_runner.images import store
-
-        # This may have been the last job on a version maintenance swapped out: drop it now
-        # rather than at the next image command. Never fail a cleanup over it.
-        try:
-            for path in store.prune_old_versions(Settings(root=root), state.image_uses()):
-                log.debug(f"removed old image version {path}")
-        except Exception as e:
-            log.warn(f"could not remove old image versions: {e}")
+    # A pool machine serves the job under its own name: the state file says which.
+    name, unit = (saved.machine, saved.unit) if saved else (this.machine, this.unit)
+    if machine.request_stop(unit):
+        log.debug(f"machine {name} stopping; its unit removes what it leaves")
+        return
+    # No unit (a failed prepare, a second cleanup, a machine that crashed): nothing will
+    # remove what is left but us.
+    for line in reap.reap(name, root=cfg.root):
+        log.debug(f"removed {line}")
+    if name != this.machine:
+        state.remove(this.machine)

@@ -105,9 +105,12 @@ def _leaf_dirs(top: Path, depth: int) -> Iterator[Path]:
         yield from _leaf_dirs(child, depth - 1)
 
 
-def _teardown(name: str, unit: str, overlay: Path | None, stop_timeout: int) -> None:
+def _teardown(name: str, unit: str, overlay: Path | None, stop_timeout: int,
+              state_name: str = "") -> None:
+    """Stop machine `name`; its unit's reaper removes what it left (executor/reap.py), and
+    the job's state file (`state_name`, when a pool machine served the job) goes too."""
     machine.teardown(name, unit, overlay, stop_timeout)
-    state.remove(name)
+    state.remove(state_name or name)
 
 
 def collect(cfg: Settings, grace: float, dry_run: bool = False) -> Report:
@@ -130,9 +133,10 @@ def collect(cfg: Settings, grace: float, dry_run: bool = False) -> Report:
         if st is None or state.alive(st) or _age(state.path(name), now) < grace:
             continue
         overlay = Path(st.overlay) if st.overlay else None
+        # st.machine: a pool machine keeps its own name when it serves a job.
         report.do("machine", name, f"image {st.image}: its job is over (gitlab-runner or the "
                   "job's directory is gone)",
-                  partial(_teardown, name, st.unit, overlay, cfg.stop_timeout))
+                  partial(_teardown, st.machine, st.unit, overlay, cfg.stop_timeout, name))
 
     for unit, since in units.items():
         name = unit.removeprefix(identity.UNIT_PREFIX).removesuffix(".service")

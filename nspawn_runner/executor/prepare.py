@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nspawn_runner import layout, log, settings
 from nspawn_runner.errors import SystemFailure
-from nspawn_runner.executor import identity, state, status
+from nspawn_runner.executor import identity, reap, state, status
 from nspawn_runner.host import backends, fs, limits, machine, netplan, network
 from nspawn_runner.images import names
 from nspawn_runner.settings import Settings
@@ -117,9 +117,12 @@ def boot_spec(cfg: Settings, this: identity.Job, default_image: str = "",
         ),
         binds_ro=tuple(binds_ro),
         description=f"nspawn-runner job {this.job_id} on image {name}",
-        properties=tuple(lim.unit_properties(runtime_max(lim, this))),
+        # Removal of what the machine leaves, whoever stops it (executor/reap.py).
+        properties=(*lim.unit_properties(runtime_max(lim, this)),
+                    *reap.unit_properties(this.machine)),
         idmap=lim.private_users,
         nspawn_options=tuple(lim.nspawn_args()),
+        init_args=tuple(lim.init_args()),
     ), lim
 
 
@@ -157,6 +160,7 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
                      cfg.stop_timeout)
     network.release(this.machine)
     state.remove(this.machine)
+    reap.wait_for_space(cfg.root, cfg.stop_timeout)
     log.info(f"nspawn-runner: booting machine {this.machine} from image {spec.image!r} "
              f"({spec.backend} backend)")
     start = time.monotonic()

@@ -33,6 +33,8 @@ class BootSpec:
     # files are root's inside.
     idmap: bool = False
     personality: str = ""  # e.g. x86 for an i386 image on x86-64, so uname -m says i686
+    # For the guest's init (systemd.mask=...): always the last words of the command line.
+    init_args: tuple[str, ...] = ()
 
     @property
     def overlay(self) -> Path | None:
@@ -82,6 +84,8 @@ def boot_command(spec: BootSpec) -> list[str]:
         *[f"--bind-ro={backends.escape(h)}:{backends.escape(i)}{opts}"
           for h, i in spec.binds_ro],
         *spec.nspawn_options,
+        # After every option: nspawn passes the first non-option and what follows to init.
+        *spec.init_args,
     ]
 
 
@@ -171,3 +175,15 @@ def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int) -
     if overlay is not None and overlay.exists():
         fs.remove_tree(overlay)
 
+
+
+def request_stop(unit: str) -> bool:
+    """Ask systemd to stop `unit` and return at once (`--no-block`): the stop job runs on in
+    PID 1 whatever happens to us, with the unit's ExecStopPost= at its end. False if there is
+    no such unit."""
+    result = proc.run(["systemctl", "stop", "--no-block", unit], check=False, timeout=30)
+    # 5: unit not loaded, i.e. already gone.
+    if result.returncode not in (0, 5):
+        raise CommandError(["systemctl", "stop", "--no-block", unit], result.returncode,
+                           result.stderr)
+    return result.returncode == 0

@@ -164,6 +164,15 @@ def leftovers(root: Path) -> list[str]:
     return found
 
 
+def settled_leftovers(root: Path, timeout: float = 60) -> list[str]:
+    """`leftovers` once the stopping machines are gone: cleanup returns as soon as systemd has
+    the machine's stop job, and the unit removes what the machine left when it has stopped."""
+    deadline = time.monotonic() + timeout
+    while (found := leftovers(root)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
 @pytest.fixture(params=["overlay", "btrfs"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -178,5 +187,5 @@ def driver(backend: str, tmp_path: Path) -> Iterator[Driver]:
     before = leftovers(root)
     assert not before, f"leftovers before the test: {before}"
     yield d
-    left = leftovers(root)
+    left = settled_leftovers(root)
     assert not left, f"the driver left these behind: {left}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import ROOTS, Driver, leftovers
+from conftest import ROOTS, Driver, settled_leftovers
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def test_volatile_backend(volatile: Driver) -> None:
     assert result.status == "success", result.log
     assert "(volatile backend)" in result.log
     assert not (volatile.root / "images" / "bookworm" / "etc" / "v").exists()
-    assert not leftovers(volatile.root)
+    assert not settled_leftovers(volatile.root)
 
 
 def test_overlay_upper_dir_is_removed(tmp_path: Path) -> None:
@@ -29,4 +29,5 @@ def test_overlay_upper_dir_is_removed(tmp_path: Path) -> None:
     job = d.job(["touch /root/x", "ls -d /var/lib/nspawn-runner 2>/dev/null || echo no-root"])
     result = d.run(job)
     assert result.status == "success", result.log
+    assert not settled_leftovers(d.root)
     assert not (d.root / "overlays").exists() or not any((d.root / "overlays").iterdir())

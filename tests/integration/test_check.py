@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import tomlkit
-from conftest import FAKE_GITLAB_RUNNER, IMAGE, ROOTS, Driver, leftovers
+from conftest import FAKE_GITLAB_RUNNER, IMAGE, ROOTS, Driver, leftovers, settled_leftovers
 from gitlab_emulator import RunnerConfig
 
 
@@ -159,4 +159,4 @@ def test_merged_block_runs_a_job(tmp_path: Path) -> None:
                                    image=None), cfg)
     assert result.status == "success", result.log
     assert "merged-ok" in result.log and f"from image '{IMAGE}'" in result.log
-    assert not leftovers(driver.root)
+    assert not settled_leftovers(driver.root)

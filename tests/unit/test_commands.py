@@ -96,3 +96,9 @@ def test_limits_personality_and_idmap_in_boot_command() -> None:
     assert "--personality=x86" in cmd
     assert "--bind=/r/cache/h/g/p:/cache/g/p:idmap" in cmd
     assert cmd[-1] == "--private-network"
+
+
+def test_init_arguments_come_last() -> None:
+    cmd = machine.boot_command(spec(Backend.BTRFS, nspawn_options=("--private-network",),
+                                    init_args=("systemd.mask=getty.target",)))
+    assert cmd[-2:] == ["--private-network", "systemd.mask=getty.target"]

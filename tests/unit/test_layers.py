@@ -148,15 +148,15 @@ STAGE_PATHS: dict[str, set[str]] = {
         "nspawn_runner.executor", "nspawn_runner.executor.prepare",
         "nspawn_runner.executor.identity", "nspawn_runner.executor.state",
         "nspawn_runner.executor.status", "nspawn_runner.host.network",
-        "nspawn_runner.host.machine", "nspawn_runner.host.machined", "nspawn_runner.images",
+        "nspawn_runner.executor.reap", "nspawn_runner.host.machine",
+        "nspawn_runner.host.machined", "nspawn_runner.images",
         "nspawn_runner.images.names", "nspawn_runner.images.spec"},
     "run": _STAGE_BASE | RUN_HOT_PATH,
     "cleanup": _STAGE_BASE | _SETTINGS | {
         "nspawn_runner.executor", "nspawn_runner.executor.cleanup",
         "nspawn_runner.executor.identity", "nspawn_runner.executor.state",
-        "nspawn_runner.host.machine", "nspawn_runner.host.machined", "nspawn_runner.host.network",
-        # Pruning old image versions, still inline.
-        "nspawn_runner.images", "nspawn_runner.images.names", "nspawn_runner.images.store"},
+        "nspawn_runner.executor.reap", "nspawn_runner.host.machine",
+        "nspawn_runner.host.machined"},
 }
 # Never on a stage's path: the CLI framework, the TOML writer, D-Bus bindings.
 FORBIDDEN = ("typer", "click", "rich", "pydantic", "tomlkit", "gi", "pydbus")

@@ -113,3 +113,19 @@ def test_owner_identity_skips_wrappers() -> None:
     pid, _, start = me.partition(":")
     assert not state.owner_alive(f"{pid}:{int(start) + 1}")  # a reused pid is not the owner
     assert not state.owner_alive("") and not state.owner_alive("999999999:1")
+
+
+def test_boot_mask_and_suppress_sync() -> None:
+    lim = Limits(suppress_sync=True, boot_mask=("getty.target", "apt-daily.timer"))
+    assert "--suppress-sync=yes" in lim.nspawn_args()
+    assert lim.init_args() == ["systemd.mask=getty.target", "systemd.mask=apt-daily.timer"]
+    assert "--suppress-sync=yes" not in Limits().nspawn_args()
+    assert "systemd.mask=console-getty.service" in Limits().init_args()
+    assert Limits(boot_mask=()).init_args() == []
+
+
+@pytest.mark.parametrize("unit", ["getty", "a b.service", "x.service; reboot", "x.service=y",
+                                  "$(id).timer", "%h.service"])
+def test_bad_unit_names_are_refused(unit: str) -> None:
+    with pytest.raises(LimitError, match="is not a unit name"):
+        limits.parse_unit(unit)
