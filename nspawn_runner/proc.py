@@ -58,12 +58,14 @@ def run(
     return proc
 
 
-def spawn(cmd: Argv, *, stdin: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
-    """Start `cmd` with our stdout/stderr, for output that must stream through unbuffered."""
+def spawn(cmd: Argv, *, stdin: int | IO[bytes] | None = None,
+          stdout: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """Start `cmd` with our stdout/stderr (or `stdout`), for output that must stream through
+    unbuffered."""
     argv = _argv(cmd)
     if log.verbose():
         log.debug("+ " + log.redact_argv(argv))
     try:
-        return subprocess.Popen(argv, stdin=stdin)
+        return subprocess.Popen(argv, stdin=stdin, stdout=stdout)
     except FileNotFoundError as e:
         raise CommandError(argv, 127, f"{argv[0]}: command not found ({e.strerror})") from None
