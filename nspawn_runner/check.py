@@ -420,7 +420,7 @@ def run(host: Host, config: Path, environ: dict[str, str] | None = None, boot: b
     if not root_ok:
         checks.append(Check("root", Status.WARN, f"running as uid {os.geteuid()}: images are "
                             "not booted and some checks may fail for lack of permissions",
-                            "run `sudo nspawn-runner check`: gitlab-runner runs the driver as "
+                            "run `nspawn-runner check` as root: gitlab-runner runs the driver as "
                             "root"))
     command = _commands(host)
     checks += _systemd(host, host.which("systemd-nspawn") is not None)
