@@ -31,8 +31,10 @@ VERIFY_HELP = ("How to check a download: auto (the SHA256SUMS beside it, and its
 # Flags of the whole program that may also come after the command (`check -v`).
 GLOBAL_FLAGS = ("-v", "--verbose", "--debug")
 # Commands whose arguments are not ours to move: gitlab-runner's for `run` (which takes
-# --verbose itself), and anything after `--` (chroot-login's command).
+# --verbose itself), anything after `--`, and a command to run after the given number of
+# arguments (`chroot-login NAME sh -c 'ls -v'`).
 OWN_ARGUMENTS = ("run",)
+COMMAND_AFTER = {"chroot-login": 1}
 
 
 def hoist_global_flags(args: Sequence[str]) -> list[str]:
@@ -47,6 +49,10 @@ def hoist_global_flags(args: Sequence[str]) -> list[str]:
             break
         rest = args[i + 1:]
         end = rest.index("--") if "--" in rest else len(rest)
+        if arg in COMMAND_AFTER:
+            positional = [j for j, a in enumerate(rest[:end]) if not a.startswith("-")]
+            if len(positional) > COMMAND_AFTER[arg]:
+                end = positional[COMMAND_AFTER[arg]]
         flags = [a for a in rest[:end] if a in GLOBAL_FLAGS]
         kept = [a for a in rest[:end] if a not in GLOBAL_FLAGS]
         return [*args[:i], *flags, arg, *kept, *rest[end:]]

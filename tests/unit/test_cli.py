@@ -71,6 +71,8 @@ def test_short_and_long_help(args: list[str]) -> None:
     (["chroot-login", "x", "--verbose", "--", "sh", "-v"],
      ["--verbose", "chroot-login", "x", "--", "sh", "-v"]),
     (["run", "--verbose", "script", "step"], ["run", "--verbose", "script", "step"]),
+    (["chroot-login", "x", "-v", "sh", "-c", "ls -v", "-v"],
+     ["-v", "chroot-login", "x", "sh", "-c", "ls -v", "-v"]),
     (["--", "check", "-v"], ["--", "check", "-v"]),
 ])
 def test_global_flags_after_the_command(given: list[str], parsed: list[str]) -> None:
