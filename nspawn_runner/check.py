@@ -61,13 +61,18 @@ class Report:
     def warnings(self) -> list[Check]:
         return [c for c in self.checks if c.status is Status.WARN]
 
-    def render(self) -> str:
+    def render(self, colour: bool = False) -> str:
+        """The table; with `colour`, FAIL in red and warn in yellow (for a terminal)."""
         rows = [("CHECK", "STATUS", "DETAIL")]
         for c in self.checks:
             rows.append((c.name, c.status.value, _one_line(c.detail)))
             if c.fix:
                 rows.append(("", "", f"fix: {_one_line(c.fix)}"))
-        return table.render(rows) + "\n" + self.summary() + "\n"
+        text = table.render(rows)
+        if colour:
+            text = table.paint_column(text, 1, {Status.FAIL.value: "error",
+                                                Status.WARN.value: "warn"})
+        return text + "\n" + self.summary() + "\n"
 
     def summary(self) -> str:
         warned = f", {len(self.warnings)} warning{'s' * (len(self.warnings) != 1)}"
@@ -409,12 +414,13 @@ def _image_files(cfg: Settings) -> list[Check]:
     return checks
 
 
-def _gitlab_config(path: Path, cfg: Settings) -> list[Check]:
+def _gitlab_config(path: Path, cfg: Settings, given: bool) -> list[Check]:
     from nspawn_runner.gitlab import verify
 
     images = set(image_names.available(cfg)) if cfg.root.is_dir() else set()
     return [Check(f.name, Status(f.status), f.detail, f.fix)
-            for f in verify.verify(path, cfg, images, set(spec.names(cfg)))]
+            for f in verify.verify(path, cfg, images, set(spec.names(cfg)),
+                                   unmerged_fails=given)]
 
 
 def _probe_target(url: str) -> tuple[str, int] | None:
@@ -513,10 +519,12 @@ def _gitlab_runner(host: Host, cfg: Settings) -> Check:
 
 
 def run(host: Host, config: Path, environ: dict[str, str] | None = None, boot: bool = True,
-        boot_timeout: int = 0, gitlab_config: Path | None = None) -> Report:
+        boot_timeout: int = 0, gitlab_config: Path | None = None,
+        gitlab_config_given: bool = True) -> Report:
     """All checks, in the order a newcomer would fix them. `boot_timeout` 0: the
     boot_timeout setting. `gitlab_config`: also check the driver's blocks in this
-    gitlab-runner config.toml."""
+    gitlab-runner config.toml; a file found at the default path rather than given
+    (`gitlab_config_given` false) without such a block is a warning, not a failure."""
     checks: list[Check] = []
     cfg: Settings | None = None
     try:
@@ -532,7 +540,7 @@ def run(host: Host, config: Path, environ: dict[str, str] | None = None, boot: b
     if not root_ok:
         checks.append(Check("root", Status.WARN, f"running as uid {os.geteuid()}: images are "
                             "not booted and some checks may fail for lack of permissions",
-                            "run `sudo nspawn-runner check`: gitlab-runner runs the driver as "
+                            "run `nspawn-runner check` as root: gitlab-runner runs the driver as "
                             "root"))
     command = _commands(host)
     checks += _systemd(host, host.which("systemd-nspawn") is not None)
@@ -563,5 +571,5 @@ def run(host: Host, config: Path, environ: dict[str, str] | None = None, boot: b
                        boot_timeout)
     checks.append(_gitlab_runner(host, cfg))
     if gitlab_config is not None:
-        checks += _gitlab_config(gitlab_config, cfg)
+        checks += _gitlab_config(gitlab_config, cfg, gitlab_config_given)
     return Report(tuple(checks))

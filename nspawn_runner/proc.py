@@ -22,7 +22,8 @@ Argv = Sequence["str | Path"]
 _KEEP = frozenset({"PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ",
                    "TERM", "TMPDIR", "HOME", "USER", "LOGNAME", "SYSTEMD_LOG_LEVEL",
                    "SYSTEMD_PAGER", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY",
-                   "HTTPS_PROXY", "NO_PROXY", "SUDO_USER", "SUDO_UID", "SUDO_GID"})
+                   "HTTPS_PROXY", "NO_PROXY", "SUDO_USER", "SUDO_UID", "SUDO_GID",
+                   "GNUPGHOME"})
 _child_env: dict[str, str] | None = None
 
 
@@ -76,12 +77,14 @@ def run(
     return proc
 
 
-def spawn(cmd: Argv, *, stdin: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
-    """Start `cmd` with our stdout/stderr, for output that must stream through unbuffered."""
+def spawn(cmd: Argv, *, stdin: int | IO[bytes] | None = None,
+          stdout: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """Start `cmd` with our stdout/stderr (or `stdout`), for output that must stream through
+    unbuffered."""
     argv = _argv(cmd)
     if log.verbose():
         log.debug("+ " + log.redact_argv(argv))
     try:
-        return subprocess.Popen(argv, stdin=stdin, env=child_env())
+        return subprocess.Popen(argv, stdin=stdin, stdout=stdout, env=child_env())
     except FileNotFoundError as e:
         raise CommandError(argv, 127, f"{argv[0]}: command not found ({e.strerror})") from None

@@ -248,6 +248,27 @@ def reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def template() -> str:
+    """The commented settings file the Debian package installs as /etc/nspawn-runner/config.toml
+    (examples/nspawn-runner.toml): every key, commented out at its default, with its help."""
+    import textwrap
+
+    import tomlkit
+
+    lines = [
+        "# The settings of nspawn-runner (docs/configuration.md). Every key is optional; each one",
+        "# is shown commented out at its default: uncomment a line to change it. Only top-level",
+        "# keys: a [table] here is an error (per-image [limits] go in the image files,",
+        "# /etc/nspawn-runner/images/NAME.toml). `nspawn-runner settings` shows the values in",
+        "# effect and where each comes from; `nspawn-runner check` checks them.",
+    ]
+    for row in SETTINGS:
+        text = row.help + (f" Environment: {row.env}." if row.env else "")
+        lines += ["", *textwrap.wrap(text, 96, initial_indent="# ", subsequent_indent="# ")]
+        lines.append(f"#{row.name} = {tomlkit.item(_plain(row.default)).as_string()}")
+    return "\n".join(lines) + "\n"
+
+
 def config_path() -> Path:
     return Path(os.environ.get("NSPAWN_RUNNER_CONFIG", layout.DEFAULT_CONFIG))
 

@@ -93,9 +93,10 @@ def _block(runner: Table, cfg: Settings, images: Set[str], files: Set[str],
 
 
 def verify(path: Path, cfg: Settings, images: Set[str], files: Set[str],
-           exists: merge.Exists | None = None) -> list[Finding]:
+           exists: merge.Exists | None = None, unmerged_fails: bool = True) -> list[Finding]:
     """Findings for every block of `path` that calls nspawn-runner; `images` are the built
-    images, `files` the images that have an image file."""
+    images, `files` the images that have an image file. No such block is a failure, or only
+    a warning without `unmerged_fails` (a host that runs other runners too)."""
     exists = exists or merge.executable_file
     label = "gitlab-runner config"
     try:
@@ -109,8 +110,9 @@ def verify(path: Path, cfg: Settings, images: Set[str], files: Set[str],
         unfinished = [r for r in runners if merge.unfinished_custom(r)]
         name = f" --name {str(unfinished[0].get('name'))!r}" if len(unfinished) == 1 else ""
         listed = ", ".join(repr(str(r.get("name", "?"))) for r in runners) or "none"
-        return [Finding(label, "FAIL", f"{path}: no runner calls nspawn-runner (runners: "
-                        f"{listed})", f"nspawn-runner toml --merge {path}{name}")]
+        return [Finding(label, "FAIL" if unmerged_fails else "warn",
+                        f"{path}: no runner calls nspawn-runner (runners: {listed})",
+                        f"nspawn-runner toml --merge {path}{name}")]
     findings = []
     for runner in ours:
         name = str(runner.get("name", "?"))

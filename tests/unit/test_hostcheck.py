@@ -367,7 +367,8 @@ def test_not_root_warns_and_skips_boots(host: FakeHost, root: Path) -> None:
     host.root_user = False
     report = check(host, root)
     rows = by_name(report)
-    assert rows["root"].status is Status.WARN and "sudo nspawn-runner check" in rows["root"].fix
+    assert rows["root"].status is Status.WARN
+    assert "run `nspawn-runner check` as root" in rows["root"].fix
     assert rows["image bookworm"].status is Status.SKIP and host.boots == []
     assert not report.failed
 

@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("executor",),
     ("local",),
     ("check",),
-    ("cli",),
+    ("cli", "manual"),
     ("main", "__main__"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
