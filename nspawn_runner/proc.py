@@ -24,16 +24,11 @@ _KEEP = frozenset({"PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGE
                    "SYSTEMD_PAGER", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY",
                    "HTTPS_PROXY", "NO_PROXY", "SUDO_USER", "SUDO_UID", "SUDO_GID",
                    "GNUPGHOME"})
-_child_env: dict[str, str] | None = None
-
-
 def child_env() -> dict[str, str]:
     """The environment every external command gets unless a caller passes its own."""
-    global _child_env
-    if _child_env is None:
-        _child_env = {k: v for k, v in os.environ.items() if k in _KEEP}
-        _child_env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin")
-    return _child_env
+    env = {k: v for k, v in os.environ.items() if k in _KEEP}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin")
+    return env
 
 
 def _argv(cmd: Argv) -> list[str]:

@@ -131,7 +131,6 @@ def _ancestors(pid: int) -> list[int]:
 
 
 def test_children_get_no_job_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proc, "_child_env", None)
     monkeypatch.setenv("CUSTOM_ENV_CI_JOB_TOKEN", "tok")
     monkeypatch.setenv("JOB_RESPONSE_FILE", "/tmp/x/response.json")
     monkeypatch.setenv("SYSTEMD_SECCOMP", "0")
