@@ -97,14 +97,30 @@ def gc(
         typer.Option(help="Spare anything younger than this many seconds "
                      "[default: boot_timeout + 60]."),
     ] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Say what would be removed; remove nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for monitoring).")] = False,
 ) -> None:
-    """Remove machines, overlays and snapshots that belong to no running job."""
+    """Remove machines, overlays, snapshots, old caches and builds that belong to no running
+    job; exits with the system-failure code when something could not be removed."""
     from nspawn_runner.executor import gc as collector
 
     def act() -> None:
+        import json
+
         cfg = settings.load()
-        removed = collector.collect(cfg, cfg.boot_timeout + 60 if grace is None else grace)
-        print(f"gc: removed {len(removed)} item(s)")
+        report = collector.collect(cfg, cfg.boot_timeout + 60 if grace is None else grace,
+                                   dry_run=dry_run)
+        if as_json:
+            print(json.dumps({"dry_run": dry_run, "removed": report.removed,
+                              "errors": report.errors}, indent=2))
+        elif dry_run:
+            print("\n".join(["gc: dry run, nothing removed", *report.lines()]))
+        else:
+            print(f"gc: removed {len(report.removed)} item(s)")
+        if report.errors:
+            raise SystemFailure(f"gc: {len(report.errors)} item(s) could not be removed (see "
+                                "the errors above); fix what they name and run gc again")
 
     _do(act)
 
@@ -116,8 +132,10 @@ def toml(
         help="The runner's name in config.toml; with --merge, the block to update.")] = "",
     merge: Annotated[Path | None, typer.Option(
         "--merge", metavar="PATH",
-        help="Add or update the block in this gitlab-runner config.toml, keeping the rest.",
+        help="Complete the block in this gitlab-runner config.toml, keeping the rest.",
     )] = None,
+    add: Annotated[bool, typer.Option(
+        "--add", help="With --merge: append a new block (placeholder url and token).")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="With --merge: show the change as a diff, write nothing.")] = False,
 ) -> None:
@@ -129,15 +147,15 @@ def toml(
             from nspawn_runner.images.names import validate_name
 
             validate_name(default_image)
+        wanted = runner_block.Wanted.from_settings(settings.load(), default_image)
         if merge is None:
-            if dry_run:
-                raise SystemFailure("--dry-run needs --merge PATH")
-            print(runner_block.render(settings.load(), default_image, name), end="")
+            if dry_run or add:
+                raise SystemFailure(f"{'--dry-run' if dry_run else '--add'} needs --merge PATH")
+            print(runner_block.render(wanted, name), end="")
             return
         from nspawn_runner.gitlab import merge as runner_merge
 
-        block = runner_block.runner_table(settings.load(), default_image, name)
-        result = runner_merge.merge_file(merge, block, name, dry_run)
+        result = runner_merge.merge_file(merge, wanted, name, add, dry_run)
         if dry_run:
             print(result.diff(), end="")
         log.info(result.summary(dry_run))
