@@ -525,21 +525,14 @@ def shell(
     keep: bool = typer.Option(False, "--keep", help="Keep the writable layer and say where it is."),
 ) -> None:
     """Run COMMAND (or a login shell) in a throwaway copy of IMAGE as you: your uid, groups
-    and home; the current directory when it is under your home. Its exit status is ours. Safe
-    to allow through sudo (examples/sudoers.d/nspawn-runner)."""
+    and home; the current directory when it is under your home. Its exit status is ours (125:
+    it could not run). Safe to allow through sudo (examples/sudoers.d/nspawn-runner)."""
     from nspawn_runner.local import shell as local_shell
 
     opts = local_shell.Options(image=image, command=tuple(command or ()),
                                binds=tuple(bind or ()), binds_ro=tuple(bind_ro or ()),
                                network=network or None, keep=keep)
-    code = 0
-
-    def act() -> None:
-        nonlocal code
-        code = local_shell.run(opts)
-
-    _do(act)
-    raise typer.Exit(code)
+    raise typer.Exit(local_shell.main(opts))
 
 
 @app.command("chroot-sync", short_help="Follow the images another host exports.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import sys
@@ -269,20 +270,24 @@ class _Run:
 
 
 def _shell_in(machine: str, project_dir: str, variables: dict[str, str]) -> None:
-    """--shell-on-failure: an interactive shell in the job's machine, where the job was."""
+    """--shell-on-failure: an interactive shell in the job's machine, as the job's user, in
+    its project directory, with its variables (a login session through machined, so the
+    shell has a real terminal with job control)."""
+    from nspawn_runner.executor import state
+
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         log.warn("--shell-on-failure needs a terminal; going on without a shell")
         return
-    _out(f"\n--- step failed: a shell in machine {machine}, in {project_dir}, with the job's "
-         "variables; exit it to go on (after_script, cache, artifacts, cleanup) ---")
-    argv = ["systemd-run", f"--machine={machine}", "--pty", "--quiet", "--wait", "--collect",
-            f"--working-directory={project_dir}", "--setenv=TERM=" + os.environ.get(
-                "TERM", "xterm"),
+    saved = state.read(machine)
+    user = saved.user if saved else "root"
+    _out(f"\n--- step failed: a shell in machine {machine} as {user}, in {project_dir}, with "
+         "the job's variables; exit it to go on (after_script, cache, artifacts, cleanup) ---")
+    argv = ["machinectl", "shell", "--quiet",
             *[f"--setenv={k}={v}" for k, v in variables.items()
               if k.isidentifier() and "\n" not in v],
-            "/bin/bash", "-i"]
-    child = proc.spawn(argv)
-    child.wait()
+            f"{user}@{machine}", "/bin/bash", "-c",
+            f"cd {shlex.quote(project_dir)} && exec /bin/bash -i"]
+    proc.spawn(argv).wait()
     _out("--- shell ended; the job goes on ---")
 
 

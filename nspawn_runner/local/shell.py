@@ -203,6 +203,20 @@ def machine_name(user: Caller, pid: int) -> str:
     return f"nrs-{safe}-{pid}"
 
 
+EXIT_OWN_FAILURE = 125  # as exec (and podman, docker): the command never ran
+
+
+def main(opts: Options) -> int:
+    """The command's exit status, or 125 with the reason on stderr when it could not run."""
+    from nspawn_runner.errors import NspawnRunnerError
+
+    try:
+        return run(opts)
+    except NspawnRunnerError as e:
+        log.error(str(e))
+        return EXIT_OWN_FAILURE
+
+
 def run(opts: Options) -> int:
     if os.geteuid() != 0:
         raise ShellRefused("shell starts systemd-nspawn, which needs root: run it with sudo "
