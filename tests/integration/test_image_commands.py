@@ -158,6 +158,9 @@ def check_tiny(driver: Driver, name: str) -> None:
     assert (image / "etc" / "machine-id").read_text() == ""
     assert (image / "etc" / "hostname").read_text() == f"{name}\n"
     assert not (image / "etc/dpkg/dpkg.cfg.d/nspawn-runner-unsafe-io").exists()
+    # Enabled, for network = "isolated" (host/network.py).
+    wants = image / "etc/systemd/system/multi-user.target.wants"
+    assert (wants / "systemd-networkd.service").is_symlink()
     log = run_ok(driver, name, ["cat /etc/nr-setup", "less --version | head -n 1",
                                 "git --version", "test -s /etc/ssl/certs/ca-certificates.crt",
                                 "echo ca-ok", "test -z \"$(cat /etc/machine-id)\" || echo booted"])
