@@ -226,7 +226,7 @@ SETTINGS: tuple[Row, ...] = (
         "job writes to its cache may be lost if the host crashes."),
     Row("boot_mask", _each(limits.parse_unit),
         "Units masked when a machine boots (units a CI job never needs; faster boot). "
-        "The default list is in docs/performance-driver.md; [] masks none."),
+        "The default list is in docs/performance.md; [] masks none."),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.name != "origins"}
 # Tables people put in the settings file that belong elsewhere.

@@ -64,7 +64,7 @@ DROPPED_CAPABILITIES = ("CAP_AUDIT_CONTROL", "CAP_LINUX_IMMUTABLE")
 ALLOWED_DEVICES = ("/dev/fuse", "/dev/kvm", "/dev/net/tun")
 # Units of a Debian guest a CI job has no use for, masked at boot (systemd.mask= on the guest
 # init's command line): together about 100 ms of a 350 ms boot in the test bed, and no job
-# step waits for a timer's apt run to release the dpkg lock. docs/performance-driver.md says
+# step waits for a timer's apt run to release the dpkg lock. docs/performance.md says
 # what each one does; `boot_mask` replaces the list.
 BOOT_MASK = (
     "console-getty.service", "getty.target",  # login prompts on a console no one reads
