@@ -63,7 +63,9 @@ HOST_PACKAGES = [
 GUEST_PACKAGES = ["systemd", "systemd-sysv", "dbus", "git", "ca-certificates", "procps"]
 # What image builds inside the bed install besides minbase (the images' required packages and
 # what the image tests add), for the architectures they build.
-MIRROR_PACKAGES = [*GUEST_PACKAGES, "less"]
+# What image builds in the bed install, and what the Debian package test (test_package.py)
+# installs from it: the .deb's dependencies the bed host lacks.
+MIRROR_PACKAGES = [*GUEST_PACKAGES, "less", "python3-typer", "python3-tomlkit", "xz-utils"]
 MIRROR_ARCHS = ["amd64", "i386"]
 
 # The bed's network. The stand-in outside is 198.51.100.1 (TEST-NET-2) and 2001:db8::1

@@ -142,6 +142,15 @@ def network_leftovers() -> list[str]:
     return found
 
 
+def settled_network_leftovers(timeout: float = 60) -> list[str]:
+    """`network_leftovers` once stopping machines are gone: a machine's unit removes its
+    network when it has stopped (executor/reap.py)."""
+    deadline = time.monotonic() + timeout
+    while (found := network_leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
 def leftovers(root: Path) -> list[str]:
     found = network_leftovers()
     machines = [line for line in sh("machinectl", "list", "--no-legend").splitlines()

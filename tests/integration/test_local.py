@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IMAGE, ROOTS, leftovers, sh
+from conftest import IMAGE, ROOTS, settled_leftovers, sh
 
 ROOT = Path(ROOTS["overlay"][0])
 SRC = Path(__file__).resolve().parents[2]
@@ -54,7 +54,7 @@ def dev() -> Iterator[str]:
 def nothing_left() -> Iterator[None]:
     yield
     for root in (ROOT, Path(ROOTS["btrfs"][0])):
-        left = leftovers(root)
+        left = settled_leftovers(root)
         assert not left, f"left behind: {left}"
         shells = root / "local" / "shells"
         assert not shells.exists() or not list(shells.iterdir())

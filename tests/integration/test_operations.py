@@ -88,13 +88,12 @@ def test_gc_removes_machine_of_a_prepare_whose_runner_died(driver: Driver, tmp_p
                    check=True)
     (name,) = machines_of(job_id)
     if driver.backend == "btrfs":
-        # And nspawn itself killed: its ephemeral snapshot is left in the images directory.
-        # The unit's stop still removed the state and status files (executor/reap.py).
+        # And nspawn itself killed, so it could not delete its ephemeral snapshot: the unit's
+        # stop still removes it with the state file (executor/reap.py), gc has nothing to do.
         sh("systemctl", "kill", "--signal=SIGKILL", f"nspawn-runner-{name}.service")
         wait_for(lambda: not machines_of(job_id))
         wait_for(lambda: not Path(f"/run/nspawn-runner/{name}.json").exists())
-        (snapshot,) = (driver.root / "images").glob(".#machine.*")
-        assert f"snapshot {snapshot}" in gc(driver)
+        wait_for(lambda: not list((driver.root / "images").glob(".#machine.*[!k]")))
     else:
         assert name in gc(driver)
     assert gc(driver).strip().endswith("removed 0 item(s)")

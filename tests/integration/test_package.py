@@ -98,7 +98,8 @@ def deb() -> Iterator[Path]:
 
 def test_install_use_and_purge(deb: Path, tmp_path: Path) -> None:
     before, installed_before = snapshot(), packages()
-    run("apt-get", "update", "-qq")  # the bed's root file system comes without package lists
+    # The bed's root file system comes without package lists; its mirror has no translations.
+    run("apt-get", "-o", "Acquire::Languages=none", "update", "-qq")
     run("apt-get", "install", "-y", str(deb))
     pulled_in = packages() - installed_before - {"nspawn-runner"}
 
