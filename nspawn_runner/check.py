@@ -257,8 +257,8 @@ def _machined(host: Host) -> Check:
         found = host.machines()
     except SystemFailure as e:
         return Check("machined (D-Bus)", Status.FAIL, str(e),
-                     "`machinectl list` must work; the driver's Python needs pydbus (python3-gi "
-                     "and python3-pydbus; a venv made with --system-site-packages)")
+                     "`machinectl list` must work: install systemd-container, start "
+                     "systemd-machined and the system bus (dbus)")
     # machined always lists the host itself as ".host".
     running = len([m for m in found if m != ".host"])
     return Check("machined (D-Bus)", Status.OK,
@@ -326,19 +326,21 @@ def _state_root(host: Host, cfg: Settings) -> list[Check]:
 def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
             boot_timeout: int) -> list[Check]:
     names = image_names.available(cfg)
+    files = set(spec.names(cfg))
     if not names:
         return [Check("images", Status.FAIL, f"no images in {cfg.images_dir}",
-                      f"make one, e.g. mmdebstrap --variant=minbase --include=systemd,"
-                      f"systemd-sysv,dbus,git,ca-certificates bookworm "
-                      f"{cfg.images_dir}/bookworm ({QUICKSTART})")]
+                      f"write an image file into {cfg.images_config_dir} (examples/images/) "
+                      "and run `nspawn-runner chroot-create NAME` (docs/quickstart.md)")]
     checks = [Check("images", Status.OK, f"{len(names)} in {cfg.images_dir}: "
                     f"{', '.join(names)}")]
     if cfg.default_image and cfg.default_image not in names:
         origin = cfg.origins.get("default_image", "default")
+        make = (f"nspawn-runner chroot-create {cfg.default_image}"
+                if cfg.default_image in files else "make it")
         checks.append(Check("default image", Status.FAIL,
                             f"default_image {cfg.default_image!r} ({origin}) is not in "
                             f"{cfg.images_dir}",
-                            f"make it, or set default_image to one of: {', '.join(names)}"))
+                            f"{make}, or set default_image to one of: {', '.join(names)}"))
     for name in names:
         label = f"image {name}"
         if cfg.allowed_images and not any(fnmatch.fnmatchcase(name, p)
@@ -461,6 +463,41 @@ def _network(host: Host, cfg: Settings, image: tuple[str, Path] | None,
     return checks
 
 
+def _image_files(cfg: Settings) -> list[Check]:
+    """Every image file in images_config_dir, also those whose image is not built yet (the
+    built ones are read again with their image in _images)."""
+    built = set(image_names.available(cfg))
+    checks = []
+    for path in spec.files(cfg):
+        name = path.stem
+        label = f"image file {path.name}"
+        try:
+            image_names.validate_name(name)
+        except SystemFailure:
+            checks.append(Check(label, Status.FAIL, f"{path} is ignored: {name!r} is not a "
+                                f"valid image name ({image_names.NAME_RULE})",
+                                "rename the file"))
+            continue
+        if name in built:
+            continue
+        try:
+            spec.load(cfg, name)
+        except SystemFailure as e:
+            checks.append(Check(label, Status.FAIL, str(e), f"fix {path} (docs/images.md)"))
+            continue
+        checks.append(Check(label, Status.WARN, f"image {name!r} is not built yet",
+                            f"nspawn-runner chroot-create {name}"))
+    return checks
+
+
+def _gitlab_config(path: Path, cfg: Settings) -> list[Check]:
+    from nspawn_runner.gitlab import verify
+
+    images = set(image_names.available(cfg)) if cfg.root.is_dir() else set()
+    return [Check(f.name, Status(f.status), f.detail, f.fix)
+            for f in verify.verify(path, cfg, images, set(spec.names(cfg)))]
+
+
 def _gitlab_runner(host: Host, cfg: Settings) -> Check:
     try:
         found = host.gitlab_runner(cfg)
@@ -475,9 +512,10 @@ def _gitlab_runner(host: Host, cfg: Settings) -> Check:
 
 
 def run(host: Host, config: Path, environ: dict[str, str] | None = None, boot: bool = True,
-        boot_timeout: int = 0) -> Report:
+        boot_timeout: int = 0, gitlab_config: Path | None = None) -> Report:
     """All checks, in the order a newcomer would fix them. `boot_timeout` 0: the
-    boot_timeout setting."""
+    boot_timeout setting. `gitlab_config`: also check the driver's blocks in this
+    gitlab-runner config.toml."""
     checks: list[Check] = []
     cfg: Settings | None = None
     try:
@@ -519,7 +557,10 @@ def run(host: Host, config: Path, environ: dict[str, str] | None = None, boot: b
         name = cfg.default_image if cfg.default_image in good else (good or [""])[0]
         if name:
             probe_image = (name, image_names.resolve(cfg, "", name)[1])
+    checks += _image_files(cfg)
     checks += _network(host, cfg, probe_image, cannot_boot or ("" if boot else "--no-boot"),
                        boot_timeout)
     checks.append(_gitlab_runner(host, cfg))
+    if gitlab_config is not None:
+        checks += _gitlab_config(gitlab_config, cfg)
     return Report(tuple(checks))

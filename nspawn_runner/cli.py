@@ -97,14 +97,30 @@ def gc(
         typer.Option(help="Spare anything younger than this many seconds "
                      "[default: boot_timeout + 60]."),
     ] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Say what would be removed; remove nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for monitoring).")] = False,
 ) -> None:
-    """Remove machines, overlays and snapshots that belong to no running job."""
+    """Remove machines, overlays, snapshots, old caches and builds that belong to no running
+    job; exits with the system-failure code when something could not be removed."""
     from nspawn_runner.executor import gc as collector
 
     def act() -> None:
+        import json
+
         cfg = settings.load()
-        removed = collector.collect(cfg, cfg.boot_timeout + 60 if grace is None else grace)
-        print(f"gc: removed {len(removed)} item(s)")
+        report = collector.collect(cfg, cfg.boot_timeout + 60 if grace is None else grace,
+                                   dry_run=dry_run)
+        if as_json:
+            print(json.dumps({"dry_run": dry_run, "removed": report.removed,
+                              "errors": report.errors}, indent=2))
+        elif dry_run:
+            print("\n".join(["gc: dry run, nothing removed", *report.lines()]))
+        else:
+            print(f"gc: removed {len(report.removed)} item(s)")
+        if report.errors:
+            raise SystemFailure(f"gc: {len(report.errors)} item(s) could not be removed (see "
+                                "the errors above); fix what they name and run gc again")
 
     _do(act)
 
@@ -116,8 +132,10 @@ def toml(
         help="The runner's name in config.toml; with --merge, the block to update.")] = "",
     merge: Annotated[Path | None, typer.Option(
         "--merge", metavar="PATH",
-        help="Add or update the block in this gitlab-runner config.toml, keeping the rest.",
+        help="Complete the block in this gitlab-runner config.toml, keeping the rest.",
     )] = None,
+    add: Annotated[bool, typer.Option(
+        "--add", help="With --merge: append a new block (placeholder url and token).")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="With --merge: show the change as a diff, write nothing.")] = False,
 ) -> None:
@@ -129,15 +147,15 @@ def toml(
             from nspawn_runner.images.names import validate_name
 
             validate_name(default_image)
+        wanted = runner_block.Wanted.from_settings(settings.load(), default_image)
         if merge is None:
-            if dry_run:
-                raise SystemFailure("--dry-run needs --merge PATH")
-            print(runner_block.render(settings.load(), default_image, name), end="")
+            if dry_run or add:
+                raise SystemFailure(f"{'--dry-run' if dry_run else '--add'} needs --merge PATH")
+            print(runner_block.render(wanted, name), end="")
             return
         from nspawn_runner.gitlab import merge as runner_merge
 
-        block = runner_block.runner_table(settings.load(), default_image, name)
-        result = runner_merge.merge_file(merge, block, name, dry_run)
+        result = runner_merge.merge_file(merge, wanted, name, add, dry_run)
         if dry_run:
             print(result.diff(), end="")
         log.info(result.summary(dry_run))
@@ -313,3 +331,76 @@ def chroot_import(
         commands.import_(settings.load(), name, source, state.image_uses)
 
     _do(act)
+
+
+@app.command("exec", short_help="Run a .gitlab-ci.yml job here, through the real stages.")
+def exec_(
+    job: Annotated[str | None, typer.Argument(help="The job's name (see --list).")] = None,
+    list_jobs: Annotated[bool, typer.Option("--list", help="List the jobs and exit.")] = False,
+    preview: Annotated[bool, typer.Option(
+        "--preview", help="Print JOB as resolved (extends, references, variables); run "
+        "nothing.")] = False,
+    var: Annotated[list[str] | None, typer.Option(
+        "--var", metavar="KEY=VALUE", help="A pipeline variable; it overrides the file's.")
+    ] = None,
+    image: Annotated[str | None, typer.Option(help="Run on this image instead.")] = None,
+    directory: Annotated[Path | None, typer.Option(
+        "-C", "--directory", help="The project's checkout [default: here].")] = None,
+    file: Annotated[Path | None, typer.Option(
+        "--file", help="The CI file [default: .gitlab-ci.yml of the project].")] = None,
+    tracked_only: Annotated[bool, typer.Option(
+        "--tracked-only", help="Only committed content, not the working tree.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Run JOB even if its rules leave it out of this pipeline.")] = False,
+    keep: Annotated[bool, typer.Option(
+        "--keep", help="Leave the machine running after the job.")] = False,
+    shell_on_failure: Annotated[bool, typer.Option(
+        "--shell-on-failure", help="A shell in the machine when a step fails.")] = False,
+    artifacts_dir: Annotated[Path | None, typer.Option(
+        "--artifacts-dir", help="Artifacts go here instead of the working tree.")] = None,
+) -> None:
+    """Run JOB of .gitlab-ci.yml in the machine a real job gets, through config, prepare,
+    run and cleanup. Exit status: 0 passed (or allowed to fail), the job's code, 124 timed out,
+    125 exec could not run it."""
+    from nspawn_runner.local import exec as local_exec
+
+    opts = local_exec.Options(
+        job=job, directory=directory or Path("."), file=file, variables=tuple(var or ()),
+        image=image, tracked_only=tracked_only, force=force, keep=keep,
+        shell_on_failure=shell_on_failure, artifacts_dir=artifacts_dir, list_jobs=list_jobs,
+        preview=preview)
+    raise typer.Exit(local_exec.run(opts))
+
+
+@app.command(short_help="A command in a build image, as yourself.")
+def shell(
+    image: ImageName,
+    command: Annotated[list[str] | None, typer.Argument(
+        help="After --: the command and its arguments [default: a login shell].",
+        metavar="[-- COMMAND...]")] = None,
+    bind: Annotated[list[str] | None, typer.Option(
+        "--bind", metavar="PATH[:DEST]", help="Bind a path you may read and write.")] = None,
+    bind_ro: Annotated[list[str] | None, typer.Option(
+        "--bind-ro", metavar="PATH[:DEST]", help="Bind a path you may read, read-only.")] = None,
+    network: Annotated[str | None, typer.Option(
+        help="host, private (a veth link) or none (loopback only) [default: from the "
+        "settings' network].")] = None,
+    keep: Annotated[bool, typer.Option(
+        "--keep", help="Keep the writable layer and say where it is.")] = False,
+) -> None:
+    """Run COMMAND (or a login shell) in a throwaway copy of IMAGE as you: your uid, groups
+    and home; the current directory when it is under your home. Its exit status is ours. Safe
+    to allow through sudo (examples/sudoers.d/nspawn-runner)."""
+    from nspawn_runner.local import shell as local_shell
+
+    opts = local_shell.Options(image=image, command=tuple(command or ()),
+                               binds=tuple(bind or ()), binds_ro=tuple(bind_ro or ()),
+                               network=network, keep=keep)
+    code = 0
+
+    def act() -> None:
+        nonlocal code
+        code = local_shell.run(opts)
+
+    _do(act)
+    raise typer.Exit(code)

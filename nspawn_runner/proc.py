@@ -16,6 +16,24 @@ if TYPE_CHECKING:
 
 Argv = Sequence["str | Path"]
 
+# What external commands inherit from our environment: never the job's variables
+# (CUSTOM_ENV_*), the job token or the protocol's files, and no SYSTEMD_* switch (such as
+# SYSTEMD_SECCOMP=0) that would change how a machine is isolated.
+_KEEP = frozenset({"PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ",
+                   "TERM", "TMPDIR", "HOME", "USER", "LOGNAME", "SYSTEMD_LOG_LEVEL",
+                   "SYSTEMD_PAGER", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY",
+                   "HTTPS_PROXY", "NO_PROXY", "SUDO_USER", "SUDO_UID", "SUDO_GID"})
+_child_env: dict[str, str] | None = None
+
+
+def child_env() -> dict[str, str]:
+    """The environment every external command gets unless a caller passes its own."""
+    global _child_env
+    if _child_env is None:
+        _child_env = {k: v for k, v in os.environ.items() if k in _KEEP}
+        _child_env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin")
+    return _child_env
+
 
 def _argv(cmd: Argv) -> list[str]:
     return [os.fspath(c) for c in cmd]
@@ -41,7 +59,7 @@ def run(
             stdin=stdin,
             stdout=subprocess.PIPE if capture else 2,
             stderr=subprocess.PIPE,
-            env=env,
+            env=child_env() if env is None else env,
             timeout=timeout,
             text=True,
             errors="replace",
@@ -64,6 +82,6 @@ def spawn(cmd: Argv, *, stdin: int | IO[bytes] | None = None) -> subprocess.Pope
     if log.verbose():
         log.debug("+ " + log.redact_argv(argv))
     try:
-        return subprocess.Popen(argv, stdin=stdin)
+        return subprocess.Popen(argv, stdin=stdin, env=child_env())
     except FileNotFoundError as e:
         raise CommandError(argv, 127, f"{argv[0]}: command not found ({e.strerror})") from None

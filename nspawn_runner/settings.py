@@ -53,6 +53,10 @@ class Settings:
     binds: tuple[str, ...] = ()
     nspawn_options: tuple[str, ...] = ()
     persistent_builds: bool = False
+    devices: tuple[str, ...] = ()
+    step_start_timeout: int = 60
+    cache_max_age: int = 30 * 86400
+    builds_max_age: int = 14 * 86400
     # Where each value came from ("default", a file path, an environment variable).
     origins: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -77,7 +81,8 @@ class Settings:
         binds = values.pop("binds")
         assert isinstance(binds, tuple)
         try:
-            parsed = tuple(limits.parse_bind(b, self.root) for b in binds)
+            parsed = tuple(limits.parse_bind(b, self.root, (self.builds_dir, self.cache_dir))
+                           for b in binds)
         except limits.LimitError as e:
             raise SettingsError(f"{self.origins.get('binds', 'settings')}: binds: {e}") from None
         return limits.Limits(binds=parsed, **values)
@@ -126,16 +131,11 @@ def _network_list(check: Callable[[str], str]) -> schema.Parser:
                           (net.BadSetting,))
 
 
-def _non_negative(value: int) -> int:
-    if value < 0:
-        raise limits.LimitError("expected 0 or more")
-    return value
-
-
 SETTINGS: tuple[Row, ...] = (
-    Row("root", schema.abs_path, "State root: images/, cache/, overlays/ live below it.",
-        env="NSPAWN_RUNNER_ROOT"),
-    Row("default_image", schema.string,
+    Row("root", _limit(schema.abs_path, limits.parse_state_root),
+        "State root: images/, cache/, overlays/ live below it (a directory of its own, not a "
+        "system directory).", env="NSPAWN_RUNNER_ROOT"),
+    Row("default_image", schema.image_name,
         "Image for jobs that name none (`--default-image` overrides)."),
     Row("allowed_images", schema.str_list,
         "If not empty, only images matching one of these shell patterns may be used."),
@@ -143,9 +143,10 @@ SETTINGS: tuple[Row, ...] = (
         "How a job's writable layer is made: auto (btrfs snapshot on btrfs, overlay elsewhere), "
         "btrfs, overlay (upper dir under root) or volatile (tmpfs, lost at cleanup)."),
     Row("boot_timeout", schema.seconds,
-        "Seconds prepare waits for a machine to boot; keep it below prepare_exec_timeout."),
+        "How long prepare waits for a machine to boot (seconds, or '2m'); keep it below "
+        "prepare_exec_timeout."),
     Row("stop_timeout", schema.seconds,
-        "Seconds cleanup lets a machine shut down before killing it."),
+        "How long cleanup lets a machine shut down before killing it (seconds, or '1m')."),
     Row("builds_dir", _inner_path, "builds_dir reported to gitlab-runner (inside the machine)."),
     Row("cache_dir", _inner_path,
         "cache_dir reported to gitlab-runner; bound from <root>/cache so caches outlive jobs."),
@@ -162,14 +163,15 @@ SETTINGS: tuple[Row, ...] = (
         "CPUWeight= of each job's machine (1-10000, 0: systemd's default)."),
     Row("cpu_quota", _limit(schema.string, limits.parse_percent),
         "CPUQuota= of each job's machine, e.g. '200%' for two CPUs."),
-    Row("memory_high", _limit(schema.string, limits.parse_size),
-        "MemoryHigh= of each job's machine (throttled above it), e.g. '6G'."),
-    Row("memory_max", _limit(schema.string, limits.parse_size),
-        "MemoryMax= of each job's machine (OOM-killed above it), e.g. '8G'."),
+    Row("memory_high", _limit(schema.size, limits.parse_size),
+        "MemoryHigh= of each job's machine (throttled above it), e.g. '6G' or bytes."),
+    Row("memory_max", _limit(schema.size, limits.parse_size),
+        "MemoryMax= of each job's machine (OOM-killed above it), e.g. '8G' or bytes."),
     Row("tasks_max", _limit(schema.integer, limits.parse_tasks),
         "TasksMax= of each job's machine (at most 16384; 0: systemd's default)."),
-    Row("max_job_duration", _limit(schema.integer, _non_negative),
-        "Seconds after which a job's machine is stopped whatever happens (0: no limit)."),
+    Row("max_job_duration", schema.duration,
+        "How long until a job's machine is stopped whatever happens (seconds, or '3h'; 0: no "
+        "limit)."),
     Row("network", _limit(schema.string, limits.parse_network),
         "isolated (a network zone per job: the world, not the host's services or other "
         "jobs; docs/networking.md), host (share the host's network, its 127.0.0.1 "
@@ -197,10 +199,25 @@ SETTINGS: tuple[Row, ...] = (
     Row("nspawn_options", _each(limits.parse_nspawn_option),
         "Extra systemd-nspawn options, from a list of safe ones (see docs/security.md)."),
     Row("persistent_builds", schema.boolean,
-        "Keep builds_dir on the host per project and concurrent slot "
-        "(<root>/builds/...), so GIT_STRATEGY=fetch reuses clones between jobs."),
+        "Keep builds_dir on the host per runner, project and concurrent slot "
+        "(<root>/builds/...), so GIT_STRATEGY=fetch reuses clones between jobs; the driver "
+        "picks a slot no running job holds."),
+    Row("devices", _each(limits.parse_device),
+        "Host character devices bound into every machine and allowed by its device policy "
+        "(/dev/fuse, /dev/kvm, /dev/net/tun); all others stay closed."),
+    Row("step_start_timeout", schema.seconds,
+        "Seconds a job step may take to start before run reports a hanging "
+        "`systemd-run --machine` (a system failure)."),
+    Row("cache_max_age", schema.duration,
+        "gc removes cache entries not written for this long, e.g. '30d' (0: never)."),
+    Row("builds_max_age", schema.duration,
+        "gc removes persistent builds directories not used for this long (0: never)."),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.name != "origins"}
+# Tables people put in the settings file that belong elsewhere.
+MISPLACED = {"limits": "in the settings file, limits are top-level keys (memory_max = \"8G\" "
+                       "above any [table] header); [limits] belongs in image files "
+                       "(images_config_dir/NAME.toml, docs/images.md)"}
 
 
 def reference_markdown() -> str:
@@ -221,8 +238,9 @@ def config_path() -> Path:
 
 
 def _read(path: Path) -> dict[str, object]:
-    import tomlkit
-    from tomlkit.exceptions import ParseError
+    # tomllib, not tomlkit: every stage call reads the settings, and tomlkit costs about 30 ms
+    # of imports; it stays for what writes TOML and must keep comments.
+    import tomllib
 
     try:
         text = path.read_text()
@@ -237,8 +255,8 @@ def _read(path: Path) -> dict[str, object]:
         raise SettingsError(f"cannot read settings file {path}: {e.strerror}; "
                             "check its permissions") from None
     try:
-        return tomlkit.parse(text).unwrap()
-    except ParseError as e:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise SettingsError(
             f"settings file {path} is not valid TOML: {e}; fix the syntax") from None
 
@@ -248,7 +266,8 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Set
     environ = dict(os.environ) if environ is None else environ
     data = _read(path)
     parsers = {row.name: row.parse for row in SETTINGS}
-    values: dict[str, object] = schema.parse_table(data, parsers, str(path), SettingsError)
+    values: dict[str, object] = schema.parse_table(data, parsers, str(path), SettingsError,
+                                                   misplaced=MISPLACED)
     origins = {row.name: str(path) if row.name in values else "default" for row in SETTINGS}
     for row in SETTINGS:
         if row.env and environ.get(row.env):

@@ -53,6 +53,8 @@ HOST_PACKAGES = [
     # (the binary only: Debian's dnsmasq package starts a server on every interface) for the
     # stand-in outside's DNS and tests that need a resolver stub on the host.
     "nftables", "dnsmasq-base", "curl",
+    # nspawn-runner shell is tested as an ordinary user going through sudo.
+    "sudo",
     # Image provisioning with playbooks: Debian's ansible has the community.general.chroot
     # connection (ansible-core alone has none).
     "ansible",

@@ -3,15 +3,21 @@ it after every job and after every failed config or prepare attempt: idempotent.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from nspawn_runner import layout, log
 from nspawn_runner.executor import identity, state
-from nspawn_runner.host import machine, network
+from nspawn_runner.host import fs, machine, network
 from nspawn_runner.settings import Settings
 
 
 def cleanup(cfg: Settings) -> None:
+    # gitlab-runner sends SIGTERM to our process group at cleanup_exec_timeout: finish the
+    # teardown rather than leave half a machine (the ignored signal is inherited by systemctl
+    # and rm, which would die of it too). SIGKILL still ends us; gc then collects the rest.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     this = identity.load(secret_names=cfg.secret_variables)
     saved = state.read(this.machine)
     # The settings may have changed since prepare; the state file knows what prepare did.
@@ -19,6 +25,8 @@ def cleanup(cfg: Settings) -> None:
     overlay = Path(saved.overlay) if saved and saved.overlay else layout.overlay_dir(
         root, this.machine)
     machine.teardown(this.machine, this.unit, overlay, cfg.stop_timeout)
+    if saved and saved.snapshot and Path(saved.snapshot).name.startswith(".#machine."):
+        fs.remove_tree(Path(saved.snapshot))
     network.release(this.machine)
     state.remove(this.machine)
     log.debug(f"machine {this.machine} removed")

@@ -4,13 +4,15 @@ and rule host/network.py puts in place (docs/networking.md)."""
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
+import ipaddress  # pathlib imports it anyway
 from dataclasses import dataclass
 from pathlib import Path
 
 from nspawn_runner import layout
 from nspawn_runner.errors import SystemFailure
+
+# hashlib is imported where it is used: settings imports this module, and the config stage,
+# called for every job, does not need it (2 ms).
 
 MODES = ("isolated", "host", "none")
 DEFAULT_IPV4_POOL = "10.223.0.0/16"
@@ -107,15 +109,20 @@ def parse_dns(value: str) -> str:
 def zone_of(machine: str) -> str:
     """The job's zone: derived from the machine name, so that cleanup and gc find it without
     any state, and unique per job (machine names are)."""
+    import hashlib
+
     return ZONE_PREFIX + hashlib.blake2s(machine.encode(), digest_size=5).hexdigest()
 
 
 def bridge_of(zone: str) -> str:
     return BRIDGE_PREFIX + zone
 
+
 def ula_prefix(machine_id: str | None = None) -> ipaddress.IPv6Network:
     """This host's /48 of unique local addresses (RFC 4193: fd + 40 bits that differ per
     host), derived from its machine id."""
+    import hashlib
+
     if machine_id is None:
         try:
             machine_id = Path("/etc/machine-id").read_text().strip()

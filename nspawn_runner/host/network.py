@@ -10,16 +10,19 @@ other's zones. `host` shares the host's network namespace; `none` gives only `lo
 
 Per job, on the host: a lease file per subnet in the runtime directory (O_EXCL: concurrent
 prepares never share a subnet), the zone's .network file, the bridge (nspawn removes it with
-its last machine; `release`, and `collect` for gc, if nspawn was killed), and the files bound
+its last machine; `release`, and `abandoned` for gc, if nspawn was killed), and the files bound
 into the machine. What those files say is host/netplan.py's. See docs/networking.md."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from nspawn_runner import layout, log, proc
@@ -221,11 +224,24 @@ def attach(machine: str, options: Options, timeout: float = 10) -> Attached:
     ), zone, ipv6)
 
 
-def wait_usable(machine: str, attached: Attached, image: str, timeout: int = 2) -> None:
+def _marked(leader: str) -> bool:
+    """Whether READY_UNIT left its mark in the machine whose init is `leader` ("pid:start").
+    RESULTS_INSIDE is a mount point there, so no link leads elsewhere on the way; the mark
+    itself is not followed."""
+    pid = leader.partition(":")[0]
+    try:
+        found = os.lstat(f"/proc/{pid}/root{layout.RESULTS_INSIDE}/{READY_MARK}")
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(found.st_mode)
+
+
+def wait_usable(machine: str, attached: Attached, image: str, leader: str = "",
+                timeout: int = 2) -> None:
     """After the boot: return once the job's first command can use the network. Usually the
     machine's READY_UNIT has said so already (networkd applies a static address in
     milliseconds, before the boot ends); else ask inside, and say what is missing."""
-    if not attached.zone or (layout.results_dir(machine) / READY_MARK).exists():
+    if not attached.zone or (leader and _marked(leader)):
         return
     # One line: systemd-run's transient unit file takes no newlines in arguments.
     script = ("systemctl -q is-active systemd-networkd.service || exit 3; "
@@ -290,36 +306,49 @@ def _age(path: Path, now: float) -> float:
         return 0.0
 
 
-def collect(in_use: set[str], grace: float) -> list[str]:
-    """gc: remove the network of every machine not `in_use` (leases, files, bridges whose
-    machine was killed with nspawn). Returns one line per thing removed."""
+@dataclass(frozen=True)
+class Leftover:
+    kind: str
+    item: str
+    reason: str
+    remove: Callable[[], object]
+
+
+def abandoned(in_use: set[str], grace: float) -> list[Leftover]:
+    """For gc: the network of every machine not `in_use` (its lease, files and zone, the
+    bridge nspawn leaves when it is killed), and zones and networkd files of no machine.
+    Older than `grace` seconds, and never a bridge that still has a machine on it."""
     now = time.time()
-    removed = []
+    found: list[Leftover] = []
     zones_in_use = {zone_of(m) for m in in_use}
-    for index, owner in sorted(leases().items()):
-        if owner in in_use or _age(lease_path(index), now) < grace or _has_ports(owner):
+    owners = set(leases().values())
+    if layout.RUNTIME_DIR.is_dir():
+        owners |= {p.name.removesuffix(".net") for p in layout.RUNTIME_DIR.glob("*.net")}
+    covered = set()
+    for owner in sorted(owners - in_use):
+        paths = [lease_path(i) for i, o in leases().items() if o == owner]
+        if files_dir(owner).exists():
+            paths.append(files_dir(owner))
+        if _has_ports(owner) or min((_age(p, now) for p in paths), default=0) < grace:
             continue
-        release(owner)
-        removed.append(f"network of machine {owner} (subnet {index})")
-    for path in sorted(layout.RUNTIME_DIR.glob("*.net")) if layout.RUNTIME_DIR.is_dir() else []:
-        machine = path.name.removesuffix(".net")
-        if machine not in in_use and _age(path, now) >= grace and not _has_ports(machine):
-            release(machine)
-            removed.append(f"network files {path}")
-    links = Path("/sys/class/net")
-    for link in sorted(links.glob(f"{BRIDGE_PREFIX}{ZONE_PREFIX}*")):
+        covered.add(zone_of(owner))
+        found.append(Leftover("network", owner, "its machine is gone",
+                              partial(release, owner)))
+    for link in sorted(Path("/sys/class/net").glob(f"{BRIDGE_PREFIX}{ZONE_PREFIX}*")):
         zone = link.name.removeprefix(BRIDGE_PREFIX)
-        # A bridge with a port has a live machine on it, whoever it belongs to.
-        if zone in zones_in_use or _ports(link.name):
+        if zone in zones_in_use or zone in covered or _ports(link.name):
             continue
-        if _delete_bridge(zone):
-            removed.append(f"bridge {link.name}")
+        covered.add(zone)
+        found.append(Leftover("bridge", link.name, "no machine on it and no job",
+                              partial(_delete_bridge, zone)))
     for path in sorted(NETWORKD_DIR.glob("10-nspawn-runner-*.network")):
         zone = path.name.removeprefix("10-nspawn-runner-").removesuffix(".network")
-        if zone not in zones_in_use and _age(path, now) >= grace:
-            path.unlink(missing_ok=True)
-            removed.append(f"networkd file {path}")
-    return removed
+        if zone in zones_in_use or zone in covered or _age(path, now) < grace:
+            continue
+        found.append(Leftover("networkd file", str(path), "its zone has no job",
+                              partial(path.unlink, missing_ok=True)))
+    return found
+
 
 # For `check`.
 
@@ -327,6 +356,7 @@ def collect(in_use: set[str], grace: float) -> list[str]:
 def networkd_active() -> bool:
     return proc.run(["systemctl", "is-active", "--quiet", "systemd-networkd.service"],
                     check=False).returncode == 0
+
 
 # Runs in a job's machine: resolve the name, then open a TCP connection (bash's /dev/tcp:
 # minimal images have no curl).

@@ -166,10 +166,20 @@ def check_outcomes(outcomes: Sequence[Outcome]) -> None:
                             f"{', '.join(failed)} (their previous versions are unchanged)")
 
 
+def _existing(settings: Settings, name: str) -> Path:
+    """The current version of image `name`, checked before any lock or directory is made."""
+    path = store.image_path(settings, name)
+    if not path.is_dir():
+        raise names.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
+                               "`nspawn-runner chroot-list` shows the images there are")
+    return path
+
+
 def login(settings: Settings, name: str, command: Sequence[str], in_use: InUse) -> None:
     """A root shell (or `command`) in a copy of image `name`; the copy replaces the image if
     it exits with status 0 and is discarded otherwise."""
     spec = image_file.load(settings, name)
+    _existing(settings, name)
     cache = build.package_cache(settings, spec) if spec else None
     interactive = not command and sys.stdin.isatty() and sys.stdout.isatty()
     with store.lock(settings, name, f"chroot-login {name}"):
@@ -191,11 +201,9 @@ def login(settings: Settings, name: str, command: Sequence[str], in_use: InUse) 
 
 
 def remove(settings: Settings, name: str, in_use: InUse, force: bool = False) -> None:
+    _existing(settings, name)
     with store.lock(settings, name, f"chroot-remove {name}"):
-        path = store.image_path(settings, name)
-        if not path.is_dir():
-            raise names.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
-                                "`nspawn-runner chroot-list` shows the images there are")
+        path = _existing(settings, name)
         users = [u.machine for u in in_use() if u.image == name]
         if users and not force:
             raise store.ImageBusy(

@@ -343,5 +343,5 @@ def test_gc_removes_the_network_of_a_dead_runner(driver: Driver, tmp_path: Path)
     left = network_leftovers()
     assert any(f.startswith("link: vz-nr") for f in left), left
     output = gc(driver)
-    assert f"network of machine {name}" in output, output
+    assert f"removed network {name}: its machine is gone" in output, output
     assert not network_leftovers()

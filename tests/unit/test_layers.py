@@ -5,9 +5,14 @@ is still a dependency."""
 from __future__ import annotations
 
 import ast
+import json
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "nspawn_runner"
 
@@ -32,7 +37,7 @@ RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 RUN_HOT_PATH = {"nspawn_runner", "nspawn_runner.errors", "nspawn_runner.log",
                 "nspawn_runner.proc", "nspawn_runner.layout", "nspawn_runner.executor",
                 "nspawn_runner.executor.run", "nspawn_runner.executor.state",
-                "nspawn_runner.executor.identity"}
+                "nspawn_runner.executor.identity", "nspawn_runner.executor.status"}
 
 
 def module_name(path: Path) -> str:
@@ -126,3 +131,103 @@ def test_the_run_stage_loads_only_its_hot_path() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert set(out) <= RUN_HOT_PATH, f"run loads more than its hot path: {set(out) - RUN_HOT_PATH}"
+
+
+# What each stage command may load, by its own dispatch in main.py (no typer): tests below run
+# each stage for real against stand-in systemd commands and compare. A module added to a
+# stage's path must be added here, knowingly.
+_STAGE_BASE = {"nspawn_runner", "nspawn_runner.main", "nspawn_runner.errors", "nspawn_runner.log",
+               "nspawn_runner.proc", "nspawn_runner.layout"}
+_SETTINGS = {"nspawn_runner.settings", "nspawn_runner.schema", "nspawn_runner.table",
+             "nspawn_runner.host", "nspawn_runner.host.limits", "nspawn_runner.host.backends",
+             "nspawn_runner.host.fs", "nspawn_runner.host.netplan"}
+STAGE_PATHS: dict[str, set[str]] = {
+    "config": _STAGE_BASE | _SETTINGS | {"nspawn_runner.executor",
+                                         "nspawn_runner.executor.config"},
+    "prepare": _STAGE_BASE | _SETTINGS | {
+        "nspawn_runner.executor", "nspawn_runner.executor.prepare",
+        "nspawn_runner.executor.identity", "nspawn_runner.executor.state",
+        "nspawn_runner.executor.status",
+        "nspawn_runner.host.machine", "nspawn_runner.host.machined", "nspawn_runner.images",
+        "nspawn_runner.images.names", "nspawn_runner.images.spec", "nspawn_runner.host.network"},
+    "run": _STAGE_BASE | RUN_HOT_PATH,
+    "cleanup": _STAGE_BASE | _SETTINGS | {
+        "nspawn_runner.executor", "nspawn_runner.executor.cleanup",
+        "nspawn_runner.executor.identity", "nspawn_runner.executor.state",
+        "nspawn_runner.host.machine", "nspawn_runner.host.machined", "nspawn_runner.host.network",
+        # Pruning old image versions, still inline.
+        "nspawn_runner.images", "nspawn_runner.images.names", "nspawn_runner.images.store"},
+}
+# Never on a stage's path: the CLI framework, the TOML writer, D-Bus bindings.
+FORBIDDEN = ("typer", "click", "rich", "pydantic", "tomlkit", "gi", "pydbus")
+_STUB = """#!/bin/sh
+# Stand-in for systemd tools: succeed; as systemd-run --machine, leave the step's status 0
+# where the harness's stand-in machine root has it.
+for a; do case $a in --machine=*) m=${a#--machine=};; esac; last=$a; done
+if [ "$(basename "$0")" = systemd-run ] && [ -n "$m" ]; then
+    r=$(dirname "$0")/../results  # the environment is the driver's own, not ours
+    : > "$r/$(basename "$last").started"
+    echo 0 > "$r/$(basename "$last").status"
+fi
+exit 0
+"""
+_HARNESS = textwrap.dedent("""
+    import json, os, sys
+    from nspawn_runner import main
+    if sys.argv[1] == "prepare":
+        # This machine may not run systemd; the stand-ins below play it, and this process
+        # plays the machine's init.
+        from nspawn_runner.executor import prepare, state, status
+        prepare._check_host = lambda: None
+        prepare.machine.describe = lambda m: (state.process_identity(os.getpid()), "")
+        status.device = lambda leader: 1
+    if sys.argv[1] == "run":
+        from nspawn_runner.executor import status
+        status.open_dir = lambda *a, **k: os.open(os.environ["RESULTS"], os.O_RDONLY)
+    code = main.stage(sys.argv[1:])
+    loaded = sorted(m for m in sys.modules
+                    if m.startswith("nspawn_runner") or m.split(".")[0] in {forbidden})
+    with open(os.environ["LOADED"], "w") as f:
+        json.dump({{"code": code, "modules": loaded}}, f)
+""")
+
+
+@pytest.fixture(scope="module")
+def stage_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("stages")
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for tool in ("systemd-run", "systemctl", "machinectl", "journalctl"):
+        (bin_dir / tool).write_text(_STUB)
+        (bin_dir / tool).chmod(0o755)
+    image = tmp / "root" / "images" / "bookworm"
+    (image / "sbin").mkdir(parents=True)
+    (image / "sbin" / "init").symlink_to("/lib/systemd/systemd")
+    # network = "host": the stand-ins cannot play networkd (tests/integration/test_network.py
+    # runs the isolated network; prepare loads host/network.py either way).
+    (tmp / "config.toml").write_text(f'root = "{tmp / "root"}"\nbackend = "overlay"\n'
+                                     f'images_config_dir = "{tmp / "images.d"}"\n'
+                                     'network = "host"\n')
+    (tmp / "response.json").write_text(json.dumps({"id": 77, "variables": []}))
+    (tmp / "script").write_text("true\n")
+    (tmp / "results").mkdir()
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "NSPAWN_RUNNER_CONFIG": str(tmp / "config.toml"),
+            "NSPAWN_RUNNER_RUNTIME_DIR": str(tmp / "run"), "CUSTOM_ENV_CI_JOB_IMAGE": "bookworm",
+            "JOB_RESPONSE_FILE": str(tmp / "response.json"), "SCRIPT": str(tmp / "script"),
+            "LOADED": str(tmp / "loaded.json"), "RESULTS": str(tmp / "results")}
+
+
+@pytest.mark.parametrize("stage", ["config", "prepare", "run", "cleanup"])
+def test_each_stage_loads_only_its_path(stage: str, stage_env: dict[str, str]) -> None:
+    """In the order gitlab-runner calls them: run finds what prepare left."""
+    args = [stage, stage_env["SCRIPT"], "build_script"] if stage == "run" else [stage]
+    code = _HARNESS.format(forbidden=set(FORBIDDEN))
+    subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, **stage_env},
+                   check=True, stdout=subprocess.DEVNULL)
+    result = json.loads(Path(stage_env["LOADED"]).read_text())
+    assert result["code"] == 0, f"{stage} did not run through, so its imports are not all seen"
+    loaded = set(result["modules"])
+    forbidden = sorted(m for m in loaded if m.split(".")[0] in FORBIDDEN)
+    assert not forbidden, f"{stage} loads {forbidden}"
+    grown = sorted(loaded - STAGE_PATHS[stage])
+    assert not grown, f"{stage} loads more than its path: {grown}"

@@ -50,7 +50,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('boot_timeout = "10"', "'10'.*boot_timeout.*whole number"),
+        ('boot_timeout = "ten"', "'ten'.*boot_timeout.*whole number of seconds"),
         ("boot_timeout = 0", "boot_timeout.*greater than 0"),
         ("boot_timeout = true", "boot_timeout.*whole number"),
         ('root = "relative"', "root.*absolute"),
