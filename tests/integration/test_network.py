@@ -326,7 +326,7 @@ def test_cancel_and_crash_leave_no_network(driver: Driver) -> None:
         gc(driver)  # the ephemeral snapshot of a killed nspawn is gc's (test_operations)
 
 
-def test_gc_removes_the_network_of_a_dead_runner(driver: Driver, tmp_path: Path) -> None:
+def test_a_dead_runner_and_a_killed_nspawn_leave_no_network(driver: Driver, tmp_path: Path) -> None:
     job_id = driver.job([]).job_id
     (tmp_path / "r.json").write_text(f'{{"id": {job_id}}}')
     env = {**os.environ, "JOB_RESPONSE_FILE": str(tmp_path / "r.json"),
