@@ -18,7 +18,7 @@ from pathlib import Path
 from nspawn_runner import layout, settings, table
 from nspawn_runner.errors import CommandError, SystemFailure
 from nspawn_runner.executor import identity
-from nspawn_runner.host import backends, fs
+from nspawn_runner.host import backends, fs, netplan, network
 from nspawn_runner.host.backends import Backend
 from nspawn_runner.images import names as image_names
 from nspawn_runner.images import spec
@@ -61,13 +61,18 @@ class Report:
     def warnings(self) -> list[Check]:
         return [c for c in self.checks if c.status is Status.WARN]
 
-    def render(self) -> str:
+    def render(self, colour: bool = False) -> str:
+        """The table; with `colour`, FAIL in red and warn in yellow (for a terminal)."""
         rows = [("CHECK", "STATUS", "DETAIL")]
         for c in self.checks:
             rows.append((c.name, c.status.value, _one_line(c.detail)))
             if c.fix:
                 rows.append(("", "", f"fix: {_one_line(c.fix)}"))
-        return table.render(rows) + "\n" + self.summary() + "\n"
+        text = table.render(rows)
+        if colour:
+            text = table.paint_column(text, 1, {Status.FAIL.value: "error",
+                                                Status.WARN.value: "warn"})
+        return text + "\n" + self.summary() + "\n"
 
     def summary(self) -> str:
         warned = f", {len(self.warnings)} warning{'s' * (len(self.warnings) != 1)}"
@@ -137,6 +142,44 @@ class Host:
         from nspawn_runner.executor import prepare as stages
 
         return stages.gitlab_runner_binary(cfg)
+
+    def networkd_active(self) -> bool:
+        return network.networkd_active()
+
+    def has_ipv6(self) -> bool:
+        return netplan.host_has_ipv6()
+
+    def ipv4_networks(self) -> list[str]:
+        return [str(n) for n in netplan.host_ipv4_networks()]
+
+    def resolvers(self, cfg: Settings) -> tuple[str, str]:
+        return netplan.resolvers(cfg.network_dns)
+
+    def network_probe(self, cfg: Settings, image: str, path: Path, timeout: int,
+                      target: tuple[str, int] | None) -> str:
+        """Boot `image` as an isolated job (volatile backend), wait until its network is
+        usable, then resolve and connect to `target` from inside. Returns the address
+        reached (or ""); raises SystemFailure saying what failed. Leaves nothing."""
+        from nspawn_runner.host import machine
+
+        name = f"{identity.MACHINE_PREFIX}check-{os.getpid()}-net"
+        attached = network.attach(name, cfg.network_options("isolated"))
+        try:
+            spec = machine.BootSpec(
+                machine=name, unit=f"{identity.UNIT_PREFIX}{name}.service", image=image,
+                image_path=path, backend=Backend.VOLATILE, root=cfg.root, boot_timeout=timeout,
+                stop_timeout=cfg.stop_timeout, nspawn_options=attached.nspawn_options,
+                description=f"nspawn-runner check: network of a job on image {image}",
+                properties=(f"--property=RuntimeMaxSec={timeout + 300}",))
+            machine.boot(spec)
+            try:
+                # No state file for a test boot: wait_usable asks inside the machine.
+                network.wait_usable(name, attached, image, lambda: False)
+                return network.probe(name, *target) if target else ""
+            finally:
+                machine.teardown(name, spec.unit, None, cfg.stop_timeout)
+        finally:
+            network.release(name)
 
     def boot(self, cfg: Settings, image: str, path: Path, timeout: int) -> float:
         """Boot `image` as a job would (on the volatile backend: nothing is written to disk),
@@ -289,19 +332,21 @@ def _state_root(host: Host, cfg: Settings) -> list[Check]:
 def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
             boot_timeout: int) -> list[Check]:
     names = image_names.available(cfg)
+    files = set(spec.names(cfg))
     if not names:
         return [Check("images", Status.FAIL, f"no images in {cfg.images_dir}",
-                      f"make one, e.g. mmdebstrap --variant=minbase --include=systemd,"
-                      f"systemd-sysv,dbus,git,ca-certificates bookworm "
-                      f"{cfg.images_dir}/bookworm ({QUICKSTART})")]
+                      f"write an image file into {cfg.images_config_dir} (examples/images/) "
+                      "and run `nspawn-runner chroot-create NAME` (docs/quickstart.md)")]
     checks = [Check("images", Status.OK, f"{len(names)} in {cfg.images_dir}: "
                     f"{', '.join(names)}")]
     if cfg.default_image and cfg.default_image not in names:
         origin = cfg.origins.get("default_image", "default")
+        make = (f"nspawn-runner chroot-create {cfg.default_image}"
+                if cfg.default_image in files else "make it")
         checks.append(Check("default image", Status.FAIL,
                             f"default_image {cfg.default_image!r} ({origin}) is not in "
                             f"{cfg.images_dir}",
-                            f"make it, or set default_image to one of: {', '.join(names)}"))
+                            f"{make}, or set default_image to one of: {', '.join(names)}"))
     for name in names:
         label = f"image {name}"
         if cfg.allowed_images and not any(fnmatch.fnmatchcase(name, p)
@@ -342,6 +387,124 @@ def _images(host: Host, cfg: Settings, boot: bool, cannot_boot: str,
     return checks
 
 
+def _image_files(cfg: Settings) -> list[Check]:
+    """Every image file in images_config_dir, also those whose image is not built yet (the
+    built ones are read again with their image in _images)."""
+    built = set(image_names.available(cfg))
+    checks = []
+    for path in spec.files(cfg):
+        name = path.stem
+        label = f"image file {path.name}"
+        try:
+            image_names.validate_name(name)
+        except SystemFailure:
+            checks.append(Check(label, Status.FAIL, f"{path} is ignored: {name!r} is not a "
+                                f"valid image name ({image_names.NAME_RULE})",
+                                "rename the file"))
+            continue
+        if name in built:
+            continue
+        try:
+            spec.load(cfg, name)
+        except SystemFailure as e:
+            checks.append(Check(label, Status.FAIL, str(e), f"fix {path} (docs/images.md)"))
+            continue
+        checks.append(Check(label, Status.WARN, f"image {name!r} is not built yet",
+                            f"nspawn-runner chroot-create {name}"))
+    return checks
+
+
+def _gitlab_config(path: Path, cfg: Settings, given: bool) -> list[Check]:
+    from nspawn_runner.gitlab import verify
+
+    images = set(image_names.available(cfg)) if cfg.root.is_dir() else set()
+    return [Check(f.name, Status(f.status), f.detail, f.fix)
+            for f in verify.verify(path, cfg, images, set(spec.names(cfg)),
+                                   unmerged_fails=given)]
+
+
+def _probe_target(url: str) -> tuple[str, int] | None:
+    from urllib.parse import urlsplit
+
+    if not url:
+        return None
+    parts = urlsplit(url if "://" in url else f"//{url}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = 0
+    if not parts.hostname or not port:
+        raise SystemFailure(f"network_check_url {url!r} has no host or a bad port: use a URL "
+                            "such as https://gitlab.example.com")
+    return parts.hostname, port
+
+
+def _network(host: Host, cfg: Settings, image: tuple[str, Path] | None,
+             cannot_boot: str, boot_timeout: int) -> list[Check]:
+    """Job networking (docs/networking.md): the mode, then for "isolated" what the host
+    needs, and a job-like machine that must get out."""
+    doc = netplan.DOCS
+    if cfg.network == "host":
+        return [Check("network", Status.WARN,
+                      'network = "host": jobs share the host\'s network, so every service '
+                      "bound to the host's addresses, 127.0.0.1 included, is reachable from "
+                      "every job", f'network = "isolated" ({doc})')]
+    if cfg.network == "none":
+        return [Check("network", Status.OK, 'network = "none": jobs have only loopback')]
+    v6 = ("IPv6 from " + str(netplan.ula_prefix()) if host.has_ipv6()
+          else "IPv4 only (the host has no IPv6 default route)")
+    checks = [Check("network", Status.OK, f'network = "isolated": a zone per job, /28s of '
+                    f"{cfg.network_ipv4_pool}, {v6}")]
+    tools = [c for c in ("nft", "ip", "networkctl") if not host.which(c)]
+    if tools:
+        checks.append(Check("network tools", Status.FAIL, f"not found: {', '.join(tools)}",
+                            "apt-get install nftables iproute2 systemd"))
+    if host.networkd_active():
+        checks.append(Check("networkd", Status.OK, "systemd-networkd is running"))
+    else:
+        checks.append(Check("networkd", Status.FAIL,
+                            "systemd-networkd is not running: isolated jobs get no address",
+                            f"{netplan.NETWORKD_FIX} ({doc}), or set network = \"host\""))
+    clash = netplan.pool_conflicts(cfg.network_ipv4_pool, host.ipv4_networks())
+    if clash:
+        checks.append(Check("network pool", Status.FAIL,
+                            f"network_ipv4_pool {cfg.network_ipv4_pool} overlaps the host's "
+                            f"network{'s' * (len(clash) > 1)} {', '.join(clash)}",
+                            "set network_ipv4_pool to a private range the host does not use"))
+    try:
+        text, source = host.resolvers(cfg)
+        servers = netplan.parse_resolv_conf(text)[0]
+        checks.append(Check("name resolution", Status.OK,
+                            f"jobs use {', '.join(servers)} (from {source})"))
+    except SystemFailure as e:
+        checks.append(Check("name resolution", Status.FAIL, str(e),
+                            f"network_dns = [\"192.0.2.53\"] with your DNS servers ({doc})"))
+    if any(c.status is Status.FAIL for c in checks):
+        return checks
+    why = cannot_boot or ("" if image else "no image to boot")
+    if why or image is None:
+        return [*checks, Check("masquerading", Status.SKIP, f"no job machine booted: {why}")]
+    try:
+        target = _probe_target(cfg.network_check_url)
+        reached = host.network_probe(cfg, image[0], image[1], boot_timeout or cfg.boot_timeout,
+                                     target)
+    except SystemFailure as e:
+        return [*checks, Check("masquerading", Status.FAIL, str(e),
+                               f"see {doc} (troubleshooting); another firewall may drop "
+                               "forwarded packets")]
+    checks.append(Check("forwarding", Status.OK,
+                        f"a job's machine on image {image[0]} got its address and route"))
+    if target is None:
+        checks.append(Check("masquerading", Status.SKIP,
+                            "not tried: network_check_url is empty",
+                            "set network_check_url to a URL jobs need, e.g. your GitLab's"))
+    else:
+        checks.append(Check("masquerading", Status.OK,
+                            f"a job's machine reached {target[0]} ({reached}) on port "
+                            f"{target[1]}"))
+    return checks
+
+
 def _gitlab_runner(host: Host, cfg: Settings) -> Check:
     try:
         found = host.gitlab_runner(cfg)
@@ -356,9 +519,12 @@ def _gitlab_runner(host: Host, cfg: Settings) -> Check:
 
 
 def run(host: Host, config: Path, environ: dict[str, str] | None = None, boot: bool = True,
-        boot_timeout: int = 0) -> Report:
+        boot_timeout: int = 0, gitlab_config: Path | None = None,
+        gitlab_config_given: bool = True) -> Report:
     """All checks, in the order a newcomer would fix them. `boot_timeout` 0: the
-    boot_timeout setting."""
+    boot_timeout setting. `gitlab_config`: also check the driver's blocks in this
+    gitlab-runner config.toml; a file found at the default path rather than given
+    (`gitlab_config_given` false) without such a block is a warning, not a failure."""
     checks: list[Check] = []
     cfg: Settings | None = None
     try:
@@ -374,7 +540,7 @@ def run(host: Host, config: Path, environ: dict[str, str] | None = None, boot: b
     if not root_ok:
         checks.append(Check("root", Status.WARN, f"running as uid {os.geteuid()}: images are "
                             "not booted and some checks may fail for lack of permissions",
-                            "run `sudo nspawn-runner check`: gitlab-runner runs the driver as "
+                            "run `nspawn-runner check` as root: gitlab-runner runs the driver as "
                             "root"))
     command = _commands(host)
     checks += _systemd(host, host.which("systemd-nspawn") is not None)
@@ -391,7 +557,19 @@ def run(host: Host, config: Path, environ: dict[str, str] | None = None, boot: b
         (command.status is Status.FAIL, "commands missing"),
         (machined.status is Status.FAIL, "machined unreachable"),
     ) if bad), "")
+    probe_image = None
     if cfg.root.is_dir():
-        checks += _images(host, cfg, boot, cannot_boot, boot_timeout)
+        image_checks = _images(host, cfg, boot, cannot_boot, boot_timeout)
+        checks += image_checks
+        good = [c.name.removeprefix("image ") for c in image_checks
+                if c.name.startswith("image ") and c.status is Status.OK]
+        name = cfg.default_image if cfg.default_image in good else (good or [""])[0]
+        if name:
+            probe_image = (name, image_names.resolve(cfg, "", name)[1])
+    checks += _image_files(cfg)
+    checks += _network(host, cfg, probe_image, cannot_boot or ("" if boot else "--no-boot"),
+                       boot_timeout)
     checks.append(_gitlab_runner(host, cfg))
+    if gitlab_config is not None:
+        checks += _gitlab_config(gitlab_config, cfg, gitlab_config_given)
     return Report(tuple(checks))

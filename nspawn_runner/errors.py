@@ -43,7 +43,15 @@ class CommandError(SystemFailure):
         self.returncode = returncode
         self.stderr = stderr
         detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
-        super().__init__(f"{log.redact_argv(argv)} failed with status {returncode}: {detail}")
+        message = f"{log.redact_argv(argv)} failed with status {returncode}: {detail}"
+        if "No space left on device" in stderr or "Disk quota exceeded" in stderr:
+            message += "; " + disk_full_message("")
+        super().__init__(message)
+
+
+
+class CiConfigError(NspawnRunnerError):
+    """A .gitlab-ci.yml that GitLab would reject, or a job using what `exec` cannot do."""
 
 
 def _protocol_code(variable: str, default: int) -> int:
@@ -71,6 +79,8 @@ def finish(error: BaseException | None) -> int:
         return _protocol_code("BUILD_FAILURE_EXIT_CODE", 1)
     if isinstance(error, NspawnRunnerError):
         log.error(str(error))
+    elif isinstance(error, OSError) and error.errno in (_ENOSPC, _EDQUOT):
+        log.error(disk_full_message(error.filename))
     elif isinstance(error, SystemExit) and error.code in (0, None):
         return 0
     else:
@@ -79,6 +89,17 @@ def finish(error: BaseException | None) -> int:
         detail = "".join(traceback.format_exception(error)) if log.verbose() else repr(error)
         log.error(f"internal error: {detail}; please report it with the output of --verbose")
     return _protocol_code("SYSTEM_FAILURE_EXIT_CODE", 2)
+
+
+_ENOSPC, _EDQUOT = 28, 122
+
+
+def disk_full_message(filename: object) -> str:
+    """A full file system (or quota) is the host's problem, never the job's."""
+    where = f"the file system of {filename}" if filename else "a file system the driver writes"
+    return (f"no space left on {where} (or its quota is used up): run `nspawn-runner gc` to "
+            "remove leftovers of crashed jobs, lower cache_max_age and builds_max_age, or free "
+            "space there (`df -h`, `nspawn-runner chroot-list`)")
 
 
 def _raise_cancelled(signum: int, frame: FrameType | None) -> None:

@@ -9,7 +9,9 @@ a reader sees the whole tree at once:
     <root>/builds/SERVER/GROUP/PROJECT/SLOT   persistent builds directories
     <root>/package-cache/SUITE-ARCH     packages shared by image builds
     /run/nspawn-runner/MACHINE.json     what prepare left for run and cleanup
-    /run/nspawn-runner/MACHINE.d        bound into the machine at RESULTS_INSIDE
+
+The state root and every directory the driver makes below it are 0700: caches and checkouts of
+one project are no business of local users (docs/security.md).
 
 Imported on the `run` hot path: stdlib only, nothing but os and pathlib."""
 
@@ -24,7 +26,8 @@ DEFAULT_IMAGES_CONFIG_DIR = Path("/etc/nspawn-runner/images")
 RUNTIME_DIR = Path(os.environ.get("NSPAWN_RUNNER_RUNTIME_DIR", "/run/nspawn-runner"))
 
 # Inside every machine.
-RESULTS_INSIDE = "/run/nspawn-runner"  # where each step leaves its exit status
+RESULTS_INSIDE = "/run/nspawn-runner"  # a tmpfs of the machine's: each step's exit status
+RESULTS_TMPFS = "mode=0755,size=1m"  # its mount options: a job can fill 1 MiB of it at most
 GITLAB_RUNNER_INSIDE = "/usr/local/bin/gitlab-runner"
 SHELLS = {"bash": "/bin/bash", "sh": "/bin/sh"}  # the `shell` setting: the path inside
 
@@ -57,6 +60,24 @@ def state_file(machine: str) -> Path:
     return RUNTIME_DIR / f"{machine}.json"
 
 
-def results_dir(machine: str) -> Path:
-    """Host side of RESULTS_INSIDE for `machine`."""
-    return RUNTIME_DIR / f"{machine}.d"
+def private_dirs(root: Path, *paths: Path) -> None:
+    """Make the state root and `paths` below it, every missing component mode 0700; take
+    access for others away from a root an older version made 0755 (a group an admin gave it
+    stays)."""
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        mode = os.stat(root).st_mode & 0o777
+        if mode & 0o007:
+            os.chmod(root, mode & 0o770)
+    for path in paths:
+        missing = []
+        for parent in (path, *path.parents):
+            if parent == root or os.path.isdir(parent):
+                break
+            missing.append(parent)
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:  # made by a concurrent prepare
+                continue

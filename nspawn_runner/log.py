@@ -9,7 +9,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-_verbose = bool(os.environ.get("NSPAWN_RUNNER_VERBOSE"))
+# Set, and not one of the usual ways of saying no.
+_verbose = os.environ.get("NSPAWN_RUNNER_VERBOSE", "").strip().lower() not in (
+    "", "0", "no", "false", "off")
 _secrets: set[str] = set()
 # user:password@ in any URL (CI_REPOSITORY_URL carries the job token that way).
 _URL_CREDENTIALS = r"(?<=://)[^/@\s:]*:[^/@\s]*@"
@@ -40,6 +42,21 @@ def mask(text: str) -> str:
     return text
 
 
+_ANSI = {"error": "1;31", "warn": "1;33", "ok": "32"}
+
+
+def colour(stream: object) -> bool:
+    """Colour only for a person: a terminal, and neither NO_COLOR nor TERM=dumb."""
+    isatty = getattr(stream, "isatty", None)
+    return (callable(isatty) and bool(isatty()) and "NO_COLOR" not in os.environ
+            and os.environ.get("TERM") != "dumb")
+
+
+def paint(text: str, kind: str, on: bool) -> str:
+    """`text` in the colour of `kind` ("error", "warn", "ok") if `on`."""
+    return f"\033[{_ANSI[kind]}m{text}\033[0m" if on and kind in _ANSI else text
+
+
 def info(msg: str) -> None:
     print(mask(msg), file=sys.stderr, flush=True)
 
@@ -50,11 +67,13 @@ def debug(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    print("warning: " + mask(msg), file=sys.stderr, flush=True)
+    print(paint("warning:", "warn", colour(sys.stderr)) + " " + mask(msg), file=sys.stderr,
+          flush=True)
 
 
 def error(msg: str) -> None:
-    print("error: " + mask(msg), file=sys.stderr, flush=True)
+    print(paint("error:", "error", colour(sys.stderr)) + " " + mask(msg), file=sys.stderr,
+          flush=True)
 
 
 def redact_argv(argv: Sequence[str]) -> str:

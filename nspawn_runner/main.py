@@ -94,6 +94,15 @@ def stage(args: list[str]) -> int | None:
 
 
 def main() -> None:
+    args = sys.argv[1:]
+    while args[:1] and args[0] in _GLOBAL:
+        args = args[1:]
+    if args[:1] == ["cleanup"]:
+        # Before anything is imported: gitlab-runner's SIGTERM at cleanup_exec_timeout must not
+        # kill a cleanup that has not even started (executor/cleanup.py says why).
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     code = stage(sys.argv[1:])
     if code is not None:
         sys.exit(code)

@@ -16,6 +16,20 @@ if TYPE_CHECKING:
 
 Argv = Sequence["str | Path"]
 
+# What external commands inherit from our environment: never the job's variables
+# (CUSTOM_ENV_*), the job token or the protocol's files, and no SYSTEMD_* switch (such as
+# SYSTEMD_SECCOMP=0) that would change how a machine is isolated.
+_KEEP = frozenset({"PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ",
+                   "TERM", "TMPDIR", "HOME", "USER", "LOGNAME", "SYSTEMD_LOG_LEVEL",
+                   "SYSTEMD_PAGER", "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY",
+                   "HTTPS_PROXY", "NO_PROXY", "SUDO_USER", "SUDO_UID", "SUDO_GID",
+                   "GNUPGHOME"})
+def child_env() -> dict[str, str]:
+    """The environment every external command gets unless a caller passes its own."""
+    env = {k: v for k, v in os.environ.items() if k in _KEEP}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin")
+    return env
+
 
 def _argv(cmd: Argv) -> list[str]:
     return [os.fspath(c) for c in cmd]
@@ -41,7 +55,7 @@ def run(
             stdin=stdin,
             stdout=subprocess.PIPE if capture else 2,
             stderr=subprocess.PIPE,
-            env=env,
+            env=child_env() if env is None else env,
             timeout=timeout,
             text=True,
             errors="replace",
@@ -58,12 +72,14 @@ def run(
     return proc
 
 
-def spawn(cmd: Argv, *, stdin: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
-    """Start `cmd` with our stdout/stderr, for output that must stream through unbuffered."""
+def spawn(cmd: Argv, *, stdin: int | IO[bytes] | None = None,
+          stdout: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """Start `cmd` with our stdout/stderr (or `stdout`), for output that must stream through
+    unbuffered."""
     argv = _argv(cmd)
     if log.verbose():
         log.debug("+ " + log.redact_argv(argv))
     try:
-        return subprocess.Popen(argv, stdin=stdin)
+        return subprocess.Popen(argv, stdin=stdin, stdout=stdout, env=child_env())
     except FileNotFoundError as e:
         raise CommandError(argv, 127, f"{argv[0]}: command not found ({e.strerror})") from None

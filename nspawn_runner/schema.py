@@ -3,7 +3,11 @@
 A table maps each key to a small parser; a parser takes the raw TOML value and returns the typed
 value or raises `BadValue` with what was expected. `parse_table` applies a table to a TOML table
 and names the file, the key and the value in every error, with a "did you mean" hint for
-unknown keys."""
+unknown keys.
+
+One syntax for every file: a duration is a whole number of seconds or a string of a number and
+one unit (`"90s"`, `"30m"`, `"1h"`, `"7d"`, `"2w"`); a size is a whole number of bytes or a
+string of a number and K, M, G or T (powers of 1024, as systemd reads them: `"8G"`)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,15 @@ from nspawn_runner.errors import SystemFailure
 Parser = Callable[[object], Any]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"^\s*([0-9]+)\s*([smhdw])\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+)\s*([smhdw]?)\s*$")
+DURATION_SYNTAX = ("a whole number of seconds, or a number with s, m, h, d or w such as '90s' "
+                   "or '1h'")
+SIZE_SYNTAX = "a whole number of bytes, or a number with K, M, G or T such as '8G'"
+# Image names are directory names under <root>/images and machine host names: what systemd
+# accepts as a machine name.
+IMAGE_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]|\.(?!\.|$)){0,63}$")
+IMAGE_NAME_RULE = ("letters, digits, '-' and '.', starting with a letter or digit, at most 64 "
+                   "characters, no '..'")
 
 
 class BadValue(ValueError):
@@ -45,18 +57,42 @@ def integer(value: object) -> int:
 
 
 def seconds(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadValue(f"expected a whole number of seconds, got {type(value).__name__}")
-    if value <= 0:
-        raise BadValue("expected a number of seconds greater than 0")
-    return value
+    """A duration greater than 0 (a timeout)."""
+    if isinstance(value, str) and value.strip() in ("", "never"):
+        raise BadValue(f"expected a duration greater than 0: {DURATION_SYNTAX}")
+    result = duration(value)
+    if result <= 0:
+        raise BadValue(f"expected a duration greater than 0: {DURATION_SYNTAX}")
+    return result
+
+
+def size(value: object) -> str:
+    """A size as systemd reads it ("8G", "1073741824"); "" is unset. Whether a percentage or
+    `infinity` is allowed too is up to the setting's own check."""
+    if isinstance(value, bool):
+        raise BadValue(f"expected a size: {SIZE_SYNTAX}")
+    if isinstance(value, int):
+        if value < 0:
+            raise BadValue(f"expected a size of 0 or more: {SIZE_SYNTAX}")
+        return str(value)
+    return string(value).strip()
 
 
 def abs_path(value: object) -> Path:
     text = string(value)
     if not text.startswith("/"):
         raise BadValue("expected an absolute path")
+    if ".." in text.split("/"):
+        raise BadValue("expected an absolute path without '..'")
     return Path(text)
+
+
+def image_name(value: object) -> str:
+    """An image name, or empty."""
+    text = string(value)
+    if text and not IMAGE_NAME.match(text):
+        raise BadValue(f"expected an image name: {IMAGE_NAME_RULE}")
+    return text
 
 
 def str_list(value: object) -> tuple[str, ...]:
@@ -122,33 +158,42 @@ def checked(base: Parser, check: Callable[[Any], Any],
 
 
 def duration(value: object) -> int:
-    """Seconds from 7d, 12h, 30m, 2w, 90s or a whole number of seconds; 0 or "" is never."""
+    """Seconds from "7d", "12h", "30m", "2w", "90s" or a whole number of seconds; 0, "" and
+    "never" are 0 (none)."""
     if isinstance(value, bool):
-        raise BadValue("expected a duration such as '7d'")
+        raise BadValue(f"expected a duration: {DURATION_SYNTAX}")
     if isinstance(value, int):
         if value < 0:
-            raise BadValue("expected 0 or more seconds")
+            raise BadValue(f"expected a duration of 0 or more: {DURATION_SYNTAX}")
         return value
-    text = string(value)
-    if text.strip() in ("", "0", "never"):
+    if not isinstance(value, str):
+        raise BadValue(f"expected a duration: {DURATION_SYNTAX}, got {type(value).__name__}")
+    if value.strip() in ("", "never"):
         return 0
-    match = _DURATION.match(text)
+    match = _DURATION.match(value)
     if not match:
-        raise BadValue("expected a duration: a number with s, m, h, d or w, e.g. '7d'")
-    return int(match[1]) * _UNITS[match[2]]
+        raise BadValue(f"expected a duration: {DURATION_SYNTAX}")
+    return int(match[1]) * _UNITS[match[2] or "s"]
 
 
 def parse_table(data: Mapping[str, object], parsers: Mapping[str, Parser], where: str,
                 error: type[SystemFailure], skip: tuple[str, ...] = (),
-                prefix: str = "", unknown: str = "warn") -> dict[str, Any]:
+                prefix: str = "", unknown: str = "warn",
+                misplaced: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Parse every key of `data` with its row in `parsers`. Keys in `skip` are left to the
-    caller. An unknown key is a warning (`unknown="warn"`) or an `error` ("error"); a bad value
-    is always an `error` naming `where`, the key and the value."""
+    caller. An unknown key is a warning (`unknown="warn"`) or an `error` ("error"); an unknown
+    table is always an error (every key in it would be lost), with the hint in `misplaced` for
+    tables people put in the wrong file. A bad value is always an `error` naming `where`, the
+    key and the value."""
     values: dict[str, Any] = {}
     for key, raw in data.items():
         if key in skip:
             continue
         parser = parsers.get(key)
+        if parser is None and isinstance(raw, dict):
+            hint = (misplaced or {}).get(key) or (
+                "its keys belong at the top of the file, above the first [table] header")
+            raise error(f"{where}: unknown table [{prefix + key}]: {hint}")
         if parser is None:
             close = difflib.get_close_matches(key, [*parsers, *skip], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -13,6 +13,7 @@ from typing import Any
 from nspawn_runner import layout, schema, table
 from nspawn_runner.errors import SystemFailure
 from nspawn_runner.host import limits
+from nspawn_runner.host import netplan as net
 
 BACKENDS = ("auto", "btrfs", "overlay", "volatile")
 
@@ -42,12 +43,20 @@ class Settings:
     memory_max: str = ""
     tasks_max: int = 0
     max_job_duration: int = 0
-    network: str = "host"
+    network: str = "isolated"
+    network_ipv4_pool: str = net.DEFAULT_IPV4_POOL
+    network_host_ports: tuple[str, ...] = ()
+    network_dns: tuple[str, ...] = ()
+    network_check_url: str = ""
     user: str = "root"
     private_users: bool = False
     binds: tuple[str, ...] = ()
     nspawn_options: tuple[str, ...] = ()
     persistent_builds: bool = False
+    devices: tuple[str, ...] = ()
+    step_start_timeout: int = 60
+    cache_max_age: int = 30 * 86400
+    builds_max_age: int = 14 * 86400
     suppress_sync: bool = False
     boot_mask: tuple[str, ...] = limits.BOOT_MASK
     pool_size: int = 0
@@ -62,6 +71,11 @@ class Settings:
     def package_cache_dir(self) -> Path:
         return Path(self.package_cache) if self.package_cache else layout.package_cache(self.root)
 
+    def network_options(self, mode: str) -> net.Options:
+        """For a job whose limits say network = `mode` (the image's file may override it)."""
+        return net.Options(mode=mode, ipv4_pool=self.network_ipv4_pool,
+                           host_ports=self.network_host_ports, dns=self.network_dns)
+
     def limits(self, **overrides: object) -> limits.Limits:
         """The limits for a job; `overrides` come from the image's file."""
         values: dict[str, Any] = {
@@ -70,7 +84,8 @@ class Settings:
         binds = values.pop("binds")
         assert isinstance(binds, tuple)
         try:
-            parsed = tuple(limits.parse_bind(b, self.root) for b in binds)
+            parsed = tuple(limits.parse_bind(b, self.root, (self.builds_dir, self.cache_dir))
+                           for b in binds)
         except limits.LimitError as e:
             raise SettingsError(f"{self.origins.get('binds', 'settings')}: binds: {e}") from None
         return limits.Limits(binds=parsed, **values)
@@ -120,6 +135,11 @@ def _pool_size(value: int) -> int:
     return value
 
 
+def _network_list(check: Callable[[str], str]) -> schema.Parser:
+    return schema.checked(schema.str_list, lambda items: tuple(check(v) for v in items),
+                          (net.BadSetting,))
+
+
 def _non_negative(value: int) -> int:
     if value < 0:
         raise limits.LimitError("expected 0 or more")
@@ -127,9 +147,10 @@ def _non_negative(value: int) -> int:
 
 
 SETTINGS: tuple[Row, ...] = (
-    Row("root", schema.abs_path, "State root: images/, cache/, overlays/ live below it.",
-        env="NSPAWN_RUNNER_ROOT"),
-    Row("default_image", schema.string,
+    Row("root", _limit(schema.abs_path, limits.parse_state_root),
+        "State root: images/, cache/, overlays/ live below it (a directory of its own, not a "
+        "system directory).", env="NSPAWN_RUNNER_ROOT"),
+    Row("default_image", schema.image_name,
         "Image for jobs that name none (`--default-image` overrides)."),
     Row("allowed_images", schema.str_list,
         "If not empty, only images matching one of these shell patterns may be used."),
@@ -137,9 +158,10 @@ SETTINGS: tuple[Row, ...] = (
         "How a job's writable layer is made: auto (btrfs snapshot on btrfs, overlay elsewhere), "
         "btrfs, overlay (upper dir under root) or volatile (tmpfs, lost at cleanup)."),
     Row("boot_timeout", schema.seconds,
-        "Seconds prepare waits for a machine to boot; keep it below prepare_exec_timeout."),
+        "How long prepare waits for a machine to boot (seconds, or '2m'); keep it below "
+        "prepare_exec_timeout."),
     Row("stop_timeout", schema.seconds,
-        "Seconds cleanup lets a machine shut down before killing it."),
+        "How long cleanup lets a machine shut down before killing it (seconds, or '1m')."),
     Row("builds_dir", _inner_path, "builds_dir reported to gitlab-runner (inside the machine)."),
     Row("cache_dir", _inner_path,
         "cache_dir reported to gitlab-runner; bound from <root>/cache so caches outlive jobs."),
@@ -156,17 +178,31 @@ SETTINGS: tuple[Row, ...] = (
         "CPUWeight= of each job's machine (1-10000, 0: systemd's default)."),
     Row("cpu_quota", _limit(schema.string, limits.parse_percent),
         "CPUQuota= of each job's machine, e.g. '200%' for two CPUs."),
-    Row("memory_high", _limit(schema.string, limits.parse_size),
-        "MemoryHigh= of each job's machine (throttled above it), e.g. '6G'."),
-    Row("memory_max", _limit(schema.string, limits.parse_size),
-        "MemoryMax= of each job's machine (OOM-killed above it), e.g. '8G'."),
+    Row("memory_high", _limit(schema.size, limits.parse_size),
+        "MemoryHigh= of each job's machine (throttled above it), e.g. '6G' or bytes."),
+    Row("memory_max", _limit(schema.size, limits.parse_size),
+        "MemoryMax= of each job's machine (OOM-killed above it), e.g. '8G' or bytes."),
     Row("tasks_max", _limit(schema.integer, limits.parse_tasks),
         "TasksMax= of each job's machine (at most 16384; 0: systemd's default)."),
-    Row("max_job_duration", _limit(schema.integer, _non_negative),
-        "Seconds after which a job's machine is stopped whatever happens (0: no limit)."),
+    Row("max_job_duration", schema.duration,
+        "How long until a job's machine is stopped whatever happens (seconds, or '3h'; 0: no "
+        "limit)."),
     Row("network", _limit(schema.string, limits.parse_network),
-        "host (share the host's network), private (loopback only) or veth (a link to the "
-        "host, configured by systemd-networkd on both ends)."),
+        "isolated (a network zone per job: the world, not the host's services or other "
+        "jobs; docs/networking.md), host (share the host's network, its 127.0.0.1 "
+        "included) or none (loopback only)."),
+    Row("network_ipv4_pool", schema.checked(schema.string, net.parse_ipv4_pool),
+        "Private IPv4 network from which each isolated job gets a /28; keep it clear of "
+        "the host's networks."),
+    Row("network_host_ports", _network_list(net.parse_host_port),
+        "Ports of the host that isolated jobs may reach, e.g. ['3142/tcp'] for a package "
+        "proxy; everything else on the host is refused."),
+    Row("network_dns", _network_list(net.parse_dns),
+        "DNS servers for isolated jobs; empty: the host's, or systemd-resolved's upstream "
+        "servers when /etc/resolv.conf names a loopback stub."),
+    Row("network_check_url", schema.string,
+        "URL that `check` reaches from a job's machine to prove isolated jobs get out "
+        "(e.g. your GitLab's); empty: not tried."),
     Row("user", _limit(schema.string, limits.parse_user),
         "User that runs job scripts; created in the machine with a home if missing."),
     Row("private_users", schema.boolean,
@@ -178,20 +214,35 @@ SETTINGS: tuple[Row, ...] = (
     Row("nspawn_options", _each(limits.parse_nspawn_option),
         "Extra systemd-nspawn options, from a list of safe ones (see docs/security.md)."),
     Row("persistent_builds", schema.boolean,
-        "Keep builds_dir on the host per project and concurrent slot "
-        "(<root>/builds/...), so GIT_STRATEGY=fetch reuses clones between jobs."),
+        "Keep builds_dir on the host per runner, project and concurrent slot "
+        "(<root>/builds/...), so GIT_STRATEGY=fetch reuses clones between jobs; the driver "
+        "picks a slot no running job holds."),
+    Row("devices", _each(limits.parse_device),
+        "Host character devices bound into every machine and allowed by its device policy "
+        "(/dev/fuse, /dev/kvm, /dev/net/tun); all others stay closed."),
+    Row("step_start_timeout", schema.seconds,
+        "Seconds a job step may take to start before run reports a hanging "
+        "`systemd-run --machine` (a system failure)."),
+    Row("cache_max_age", schema.duration,
+        "gc removes cache entries not written for this long, e.g. '30d' (0: never)."),
+    Row("builds_max_age", schema.duration,
+        "gc removes persistent builds directories not used for this long (0: never)."),
     Row("suppress_sync", schema.boolean,
         "systemd-nspawn --suppress-sync=yes: fsync() and sync() do nothing in the machine "
         "(much faster package installs), but open() with O_SYNC or O_DSYNC fails, and what a "
         "job writes to its cache may be lost if the host crashes."),
     Row("boot_mask", _each(limits.parse_unit),
         "Units masked when a machine boots (units a CI job never needs; faster boot). "
-        "The default list is in docs/performance-driver.md; [] masks none."),
+        "The default list is in docs/performance.md; [] masks none."),
     Row("pool_size", _limit(schema.integer, _pool_size),
         "Machines kept booted ahead per image (the warm pool), so prepare hands one out "
         "instead of booting; an image file's pool_size overrides it. 0: no pool."),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.name != "origins"}
+# Tables people put in the settings file that belong elsewhere.
+MISPLACED = {"limits": "in the settings file, limits are top-level keys (memory_max = \"8G\" "
+                       "above any [table] header); [limits] belongs in image files "
+                       "(images_config_dir/NAME.toml, docs/images.md)"}
 
 
 def reference_markdown() -> str:
@@ -204,6 +255,27 @@ def reference_markdown() -> str:
         shown = f"`{default}`" if default not in ("", []) else "(empty)"
         lines.append(f"| `{row.name}` | {shown} | {f'`{row.env}`' if row.env else ''} "
                      f"| {row.help} |")
+    return "\n".join(lines) + "\n"
+
+
+def template() -> str:
+    """The commented settings file the Debian package installs as /etc/nspawn-runner/config.toml
+    (examples/nspawn-runner.toml): every key, commented out at its default, with its help."""
+    import textwrap
+
+    import tomlkit
+
+    lines = [
+        "# The settings of nspawn-runner (docs/configuration.md). Every key is optional; each one",
+        "# is shown commented out at its default: uncomment a line to change it. Only top-level",
+        "# keys: a [table] here is an error (per-image [limits] go in the image files,",
+        "# /etc/nspawn-runner/images/NAME.toml). `nspawn-runner settings` shows the values in",
+        "# effect and where each comes from; `nspawn-runner check` checks them.",
+    ]
+    for row in SETTINGS:
+        text = row.help + (f" Environment: {row.env}." if row.env else "")
+        lines += ["", *textwrap.wrap(text, 96, initial_indent="# ", subsequent_indent="# ")]
+        lines.append(f"#{row.name} = {tomlkit.item(_plain(row.default)).as_string()}")
     return "\n".join(lines) + "\n"
 
 
@@ -240,7 +312,8 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Set
     environ = dict(os.environ) if environ is None else environ
     data = _read(path)
     parsers = {row.name: row.parse for row in SETTINGS}
-    values: dict[str, object] = schema.parse_table(data, parsers, str(path), SettingsError)
+    values: dict[str, object] = schema.parse_table(data, parsers, str(path), SettingsError,
+                                                   misplaced=MISPLACED)
     origins = {row.name: str(path) if row.name in values else "default" for row in SETTINGS}
     for row in SETTINGS:
         if row.env and environ.get(row.env):

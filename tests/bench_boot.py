@@ -1,6 +1,6 @@
 """Boot time of a job's machine with the driver's own boot command and with variants of it
 (--suppress-sync, masked units, another default target, SYSTEMD_SECCOMP=0), interleaved,
-medians; and what --suppress-sync does to a sync-heavy step. For docs/performance-driver.md.
+medians; and what --suppress-sync does to a sync-heavy step. For docs/performance.md.
 
 Inside the test bed:
     tests/testbed.py exec -- /opt/nspawn-runner/bin/python /src/tests/bench_boot.py \
@@ -20,7 +20,7 @@ from pathlib import Path
 from nspawn_runner.host import backends, machine
 
 IMAGE = "bookworm"
-# Units of a Debian guest that a CI job has no use for (what they do, docs/performance-driver.md).
+# Units of a Debian guest that a CI job has no use for (what they do, docs/performance.md).
 MASK = ["console-getty.service", "getty.target", "systemd-update-utmp.service",
         "systemd-update-utmp-runlevel.service", "systemd-journal-flush.service",
         "sys-fs-fuse-connections.mount", "dev-hugepages.mount", "systemd-user-sessions.service"]

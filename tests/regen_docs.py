@@ -13,3 +13,5 @@ text = doc.read_text()
 start = text.index("-->\n", text.index("<!-- BEGIN SETTINGS TABLE")) + 4
 end = text.index("<!-- END SETTINGS TABLE")
 doc.write_text(text[:start] + settings.reference_markdown() + text[end:])
+
+(ROOT / "examples" / "nspawn-runner.toml").write_text(settings.template())

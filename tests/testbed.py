@@ -5,6 +5,11 @@ not systemd, with a guest image on a btrfs and on a non-btrfs state root.
 Stdlib only; runs as root with any Python 3.11. See ../shared/testbed.md for the facts it is
 built on and docs/testing.md for how to use it.
 
+The host boots in its own network namespace (--private-network): no test creates an interface,
+an address or a firewall rule on this machine. Inside it, an "outside" network namespace joined
+by a veth stands in for the internet: an HTTP server (a partial Debian mirror made here, and
+whatever files tests put in /srv/outside) and a DNS server that knows `outside.test`.
+
     tests/testbed.py up       build (cached) root file systems, boot the host, install the driver
     tests/testbed.py exec -- CMD...   run CMD inside the booted host
     tests/testbed.py down     power off, unmount, remove everything but the cache
@@ -24,6 +29,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import testbed_mirror
+
 SUITE = "bookworm"
 CHECKOUT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("NSPAWN_RUNNER_TESTBED_CACHE", "/var/cache/nspawn-runner-testbed"))
@@ -42,12 +49,33 @@ HOST_PACKAGES = [
     "python3", "python3-venv", "python3-pip", "python3-gi", "python3-pydbus", "python3-yaml",
     "btrfs-progs", "debootstrap", "mmdebstrap", "arch-test", "git", "ca-certificates",
     "iproute2", "iputils-ping", "procps", "psmisc", "zstd", "util-linux", "tar",
+    # Job networking: systemd-networkd is part of systemd; nft for the driver's rules; dnsmasq
+    # (the binary only: Debian's dnsmasq package starts a server on every interface) for the
+    # stand-in outside's DNS and tests that need a resolver stub on the host.
+    "nftables", "dnsmasq-base", "curl",
+    # nspawn-runner shell is tested as an ordinary user going through sudo.
+    "sudo",
     # Image provisioning with playbooks: Debian's ansible has the community.general.chroot
     # connection (ansible-core alone has none).
     "ansible",
 ]
 # A job image: what `systemd-run --machine` and a CI job need (pitfalls 7 and 10).
 GUEST_PACKAGES = ["systemd", "systemd-sysv", "dbus", "git", "ca-certificates", "procps"]
+# What image builds inside the bed install besides minbase (the images' required packages and
+# what the image tests add), for the architectures they build.
+# What image builds in the bed install, and what the Debian package test (test_package.py)
+# installs from it: the .deb's dependencies the bed host lacks.
+MIRROR_PACKAGES = [*GUEST_PACKAGES, "less", "python3-typer", "python3-tomlkit", "xz-utils"]
+MIRROR_ARCHS = ["amd64", "i386"]
+
+# The bed's network. The stand-in outside is 198.51.100.1 (TEST-NET-2) and 2001:db8::1
+# (the documentation prefix) in its own namespace, so that the bed host reaches it by routing
+# through its uplink, as a runner host reaches the internet; the uplink is .2 and ::2.
+OUTSIDE_V4, OUTSIDE_V6 = "198.51.100.1", "2001:db8::1"
+UPLINK_V4, UPLINK_V6 = "198.51.100.2", "2001:db8::2"
+OUTSIDE_NAME = "outside.test"
+OUTSIDE_NETNS = "outside"
+UPLINK = "uplink0"
 
 
 def log(msg: str) -> None:
@@ -120,7 +148,110 @@ def guest_tarball() -> Path:
     return rootfs_tarball("guest", GUEST_PACKAGES, [
         'truncate -s 0 "$1/etc/machine-id"',
         'echo ci-guest > "$1/etc/hostname"',
+        # As in images chroot-create makes: the guest configures its end of a veth or zone.
+        'systemctl --root="$1" enable systemd-networkd.service',
     ])
+
+
+def debian_mirror() -> Path:
+    """The partial Debian mirror the bed's image builds use (see tests/testbed_mirror.py)."""
+    key = hashlib.sha256(repr((SUITE, MIRROR_ARCHS, MIRROR_PACKAGES)).encode()).hexdigest()[:12]
+    out = CACHE / f"mirror-{SUITE}-{key}"
+    if not out.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with Step(f"make a partial Debian mirror for the bed (cached as {out.name})"):
+            testbed_mirror.build(out, SUITE, mirror(), MIRROR_ARCHS, MIRROR_PACKAGES, log)
+    return out
+
+
+# The outside: a network namespace in the bed host joined to it by a veth. nodad: the
+# IPv6 addresses are usable at once, not after duplicate address detection.
+OUTSIDE_SCRIPT = f"""#!/bin/sh
+set -e
+ip netns add {OUTSIDE_NETNS}
+ip link add {UPLINK} type veth peer name eth0 netns {OUTSIDE_NETNS}
+ip -n {OUTSIDE_NETNS} link set lo up
+ip -n {OUTSIDE_NETNS} address add {OUTSIDE_V4}/24 dev eth0
+ip -n {OUTSIDE_NETNS} address add {OUTSIDE_V6}/64 dev eth0 nodad
+ip -n {OUTSIDE_NETNS} link set eth0 up
+ip address add {UPLINK_V4}/24 dev {UPLINK}
+ip address add {UPLINK_V6}/64 dev {UPLINK} nodad
+ip link set {UPLINK} up
+ip route add default via {OUTSIDE_V4}
+ip -6 route add default via {OUTSIDE_V6}
+"""
+
+UNITS = {
+    "testbed-outside.service": """[Unit]
+Description=Test bed: the outside network namespace and the uplink to it
+Before=network.target systemd-networkd.service
+Wants=network.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/testbed-outside
+
+[Install]
+WantedBy=multi-user.target
+""",
+    # Dual-stack on :: (python's http.server clears IPV6_V6ONLY).
+    "testbed-outside-http.service": """[Unit]
+Description=Test bed: the outside's HTTP server (the Debian mirror and test files)
+Requires=testbed-outside.service
+After=testbed-outside.service
+
+[Service]
+NetworkNamespacePath=/run/netns/outside
+ExecStart=/usr/bin/python3 -m http.server 80 --bind :: --directory /srv/outside
+
+[Install]
+WantedBy=multi-user.target
+""",
+    # Answers outside.test, says NXDOMAIN for other .test names, refuses the rest (no upstream).
+    "testbed-outside-dns.service": f"""[Unit]
+Description=Test bed: the outside's DNS server
+Requires=testbed-outside.service
+After=testbed-outside.service
+
+[Service]
+NetworkNamespacePath=/run/netns/outside
+ExecStart=/usr/sbin/dnsmasq --keep-in-foreground --conf-file=/dev/null --pid-file= \
+    --log-facility=- --no-resolv --no-hosts --bind-interfaces \
+    --listen-address={OUTSIDE_V4} --listen-address={OUTSIDE_V6} \
+    --address=/{OUTSIDE_NAME}/{OUTSIDE_V4} --address=/{OUTSIDE_NAME}/{OUTSIDE_V6} --local=/test/
+
+[Install]
+WantedBy=multi-user.target
+""",
+}
+
+
+def write_plain(path: Path, text: str, mode: int = 0o644) -> None:
+    if path.is_symlink():
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def configure_network(root: Path) -> None:
+    """The bed's network, written into its root before it boots: the outside, networkd
+    running (with the .network files systemd ships), the outside's resolver and mirror."""
+    write_plain(root / "usr/local/sbin/testbed-outside", OUTSIDE_SCRIPT, 0o755)
+    for name, text in UNITS.items():
+        write_plain(root / "etc/systemd/system" / name, text)
+    run(["systemctl", f"--root={root}", "--quiet", "enable", *UNITS, "systemd-networkd.service"])
+    write_plain(root / "etc/resolv.conf", f"nameserver {OUTSIDE_V4}\nnameserver {OUTSIDE_V6}\n")
+    # The bed's own name without DNS, as Debian's installer writes it.
+    hosts = root / "etc/hosts"
+    write_plain(hosts, hosts.read_text() + f"127.0.1.1\t{MACHINE}\n")
+    # Image builds in the bed default to the mirror of the host's apt sources: this one.
+    for extra in (root / "etc/apt/sources.list.d").glob("*"):
+        extra.unlink()
+    write_plain(root / "etc/apt/sources.list",
+                f"deb http://{OUTSIDE_V4}/debian {SUITE} main\n")
+    (root / "srv/outside/debian").mkdir(parents=True, exist_ok=True)
 
 
 def wheelhouse() -> Path:
@@ -224,11 +355,13 @@ def up() -> None:
     down()  # a previous run may have been killed: never build on its leftovers
     STATE.mkdir(parents=True, exist_ok=True)
     host, guest, wheels = host_tarball(), guest_tarball(), wheelhouse()
+    debian = debian_mirror()
     root = STATE / "host"
     with Step("unpack the host root file system"):
         root.mkdir()
         run(["tar", "--zstd", "-xpf", host, "-C", root, "--xattrs", "--xattrs-include=*",
              "--numeric-owner"])
+        configure_network(root)
     with Step("make a btrfs state root on a loop file"):
         img, mnt = STATE / "btrfs.img", STATE / "btrfs"
         run(["truncate", "-s", "16G", img])
@@ -240,8 +373,11 @@ def up() -> None:
         proc = subprocess.Popen(
             ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--boot",
              "--console=passive", f"--machine={MACHINE}", "-D", os.fspath(root),
+             "--private-network", "--resolv-conf=off",
              f"--bind-ro={CHECKOUT}:/src", f"--bind={STATE / 'btrfs'}:/srv/btrfs",
-             f"--bind-ro={wheels}:/wheels", f"--bind-ro={CACHE}:/testbed-cache"],
+             f"--bind-ro={wheels}:/wheels", f"--bind-ro={CACHE}:/testbed-cache",
+             f"--bind-ro={guest}:/testbed-guest.tar.zst",
+             f"--bind-ro={debian}:/srv/outside/debian"],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
             start_new_session=True)
         (STATE / "nspawn.pid").write_text(str(proc.pid))
@@ -257,6 +393,17 @@ def up() -> None:
             time.sleep(0.1)
         else:
             raise SystemExit(f"testbed: host did not finish booting (state {state!r})")
+        if os.stat(f"/proc/{leader_pid()}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
+            raise SystemExit("testbed: the host shares this machine's network namespace")
+        if state == "degraded":
+            inner(["systemctl", "--failed", "--no-pager"], check=False)
+    with Step(f"wait for the outside ({OUTSIDE_NAME}: mirror and DNS, IPv4 and IPv6)"):
+        url = f"http://{OUTSIDE_NAME}/debian/dists/{SUITE}/Release"
+        for family in ("-4", "-6"):
+            if inner(["sh", "-c", "for i in $(seq 100); do curl -fsS -o /dev/null "
+                      f"{family} {url} && exit 0; sleep 0.1; done; exit 1"], check=False):
+                raise SystemExit(f"testbed: {url} ({family}) unreachable in the bed; see "
+                                 f"{sys.argv[0]} exec -- journalctl -u 'testbed-*'")
     install(fresh=True)
     with Step(f"place the guest image {GUEST_IMAGE!r} in both state roots"):
         for state_root, btrfs in ((ROOT_EXT4, False), (ROOT_BTRFS, True)):
@@ -266,7 +413,7 @@ def up() -> None:
                 inner(["btrfs", "-q", "subvolume", "create", image])
             else:
                 inner(["mkdir", image])
-            inner(["tar", "--zstd", "-xpf", f"/testbed-cache/{guest.name}", "-C", image,
+            inner(["tar", "--zstd", "-xpf", "/testbed-guest.tar.zst", "-C", image,
                    "--xattrs", "--xattrs-include=*", "--numeric-owner"])
     log(f"up: enter it with: {sys.argv[0]} exec -- bash")
 

@@ -7,6 +7,8 @@ image version it was the last user of, after the job and off its path."""
 
 from __future__ import annotations
 
+import signal
+
 from nspawn_runner import log
 from nspawn_runner.executor import identity, reap, state
 from nspawn_runner.host import machine
@@ -14,6 +16,11 @@ from nspawn_runner.settings import Settings
 
 
 def cleanup(cfg: Settings) -> None:
+    # gitlab-runner sends SIGTERM to our process group at cleanup_exec_timeout: finish the
+    # teardown rather than leave half a machine (the ignored signal is inherited by systemctl
+    # and rm, which would die of it too). SIGKILL still ends us; gc then collects the rest.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     this = identity.load(secret_names=cfg.secret_variables)
     saved = state.read(this.machine)
     # A pool machine serves the job under its own name: the state file says which.

@@ -1,9 +1,11 @@
 """Who the current job is, from what gitlab-runner hands every stage call.
 
-The job response file (JOB_RESPONSE_FILE, written by gitlab-runner, mode 0600) is trusted; job
-variables (CUSTOM_ENV_*) can be set by the job's author, so nothing that names a machine, a
-unit or a host path is taken from them when the response file is there. Imported on the `run`
-hot path: stdlib only, and only cheap imports (no re, urllib, hashlib or dataclasses)."""
+The job response file (JOB_RESPONSE_FILE, written by gitlab-runner, mode 0600) is the only
+trusted source, and the stages refuse to run without it: job variables (CUSTOM_ENV_*) can be set
+by the job's author, so nothing that names a machine, a unit, a host path or a limit is taken
+from them (pitfall 3). The job's image is the one exception: choosing it is the job's right.
+Imported on the `run` hot path: stdlib only, and only cheap imports (no re, urllib, hashlib or
+dataclasses)."""
 
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ class Job(NamedTuple):
     runner_id: str
     project_path: str  # group/project, as gitlab-runner lays out builds and caches
     image_ref: str  # CI_JOB_IMAGE, "" when the job names none
+    # The directory gitlab-runner made for this job (it holds JOB_RESPONSE_FILE) and removes
+    # after cleanup: while it exists, the job is not over (pitfall 17).
+    job_dir: str = ""
+    timeout: int = 0  # runner_info.timeout: seconds the whole job may take; 0: unknown
 
     @property
     def machine(self) -> str:
@@ -91,29 +97,34 @@ def _server(url: str) -> str:
 def load(environ: Mapping[str, str] | None = None, secret_names: tuple[str, ...] = ()) -> Job:
     """`secret_names`: the settings' extra secret variables, masked like the predefined ones."""
     env = os.environ if environ is None else environ
-    response: dict[str, object] = {}
     path = env.get("JOB_RESPONSE_FILE")
-    if path:
-        try:
-            with open(path, "rb") as f:
-                loaded = json.load(f)
-            response = loaded if isinstance(loaded, dict) else {}
-        except (OSError, ValueError) as e:
-            raise SystemFailure(f"cannot read the job response file {path}: {e}") from None
+    if not path:
+        raise SystemFailure(
+            "JOB_RESPONSE_FILE is not set: nspawn-runner's stages must be called by "
+            "gitlab-runner's custom executor (or `nspawn-runner exec`), which writes the job's "
+            "payload there; job variables alone are not trusted to name a job")
+    try:
+        with open(path, "rb") as f:
+            loaded = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemFailure(f"cannot read the job response file {path}: {e}") from None
+    response: dict[str, object] = loaded if isinstance(loaded, dict) else {}
     variables = _variables(response)
     register_secrets(env, response, variables, secret_names)
 
     def pick(key: str) -> str:
-        return variables.get(key) or env.get("CUSTOM_ENV_" + key, "")
+        return variables.get(key, "")
 
-    job_id = str(response.get("id", "")) or env.get("CUSTOM_ENV_CI_JOB_ID", "")
+    job_id = str(response.get("id", ""))
     if not job_id.isdigit() or len(job_id) > 20:
         raise SystemFailure(
-            f"no valid job id (got {job_id!r}): nspawn-runner's stages must be called by "
-            "gitlab-runner, which sets JOB_RESPONSE_FILE or CUSTOM_ENV_CI_JOB_ID")
+            f"the job response file {path} has no valid job id (got {job_id!r}); "
+            "it is not a gitlab-runner job payload")
     git_info = response.get("git_info")
     repo_url = str(git_info.get("repo_url", "")) if isinstance(git_info, dict) else ""
     repo_url = repo_url or pick("CI_REPOSITORY_URL")
+    runner_info = response.get("runner_info")
+    timeout = runner_info.get("timeout") if isinstance(runner_info, dict) else None
     project_path = (project_path_from_url(repo_url)
                     or project_path_from_url("/" + pick("CI_PROJECT_PATH"))
                     or f"project-{pick('CI_PROJECT_ID') or job_id}")
@@ -123,6 +134,8 @@ def load(environ: Mapping[str, str] | None = None, secret_names: tuple[str, ...]
         runner_id=pick("CI_RUNNER_ID"),
         project_path=project_path,
         image_ref=env.get("CUSTOM_ENV_CI_JOB_IMAGE", ""),
+        job_dir=os.path.dirname(os.path.abspath(path)),
+        timeout=timeout if isinstance(timeout, int) and timeout > 0 else 0,
     )
 
 

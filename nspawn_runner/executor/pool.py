@@ -9,8 +9,10 @@ which only nspawn's start can make. Each pool machine serves one job and is then
 any job's machine; its machine-id, boot and writable layer are its own and new.
 
 What a job's own machine would get at boot and a pool machine cannot know yet is done at hand-out:
-- the job's cache directory (and with persistent_builds its builds directory) is bound with
+- the job's cache directory (and with persistent_builds its builds slot) is bound with
   `machinectl bind --mkdir` (machined moves a bind mount into the running machine);
+- the job's network is the pool machine's own zone, attached when it booted; the hand-out
+  waits, like prepare, until the job's first command can use it;
 - the host name is set to the job's machine name if the image has no /etc/hostname (nspawn
   names the host after the machine, and the guest keeps that when the image names none);
 - `RuntimeMaxSec=` (max_job_duration) cannot be changed on a running unit (systemd 252:
@@ -21,10 +23,10 @@ A pool machine is handed out only to a job whose machine would be booted exactly
 (image, version, backend, limits, isolation options, binds fixed at boot: `key`), and never
 when `private_users` is on (machined refuses binds into a user namespace).
 
-Files: `<runtime dir>/nrp-X.json` (the record: which image version, which key, whose runner),
-`nrp-X.ready` (made by the unit's ExecStartPost= once the guest is up; taking a machine is
-removing it, which only one prepare can do), `nrp-X.d` (the step-status directory). The
-unit's ExecStopPost= (executor/reap.py) removes them all."""
+Files: `<runtime dir>/nrp-X.json` (the record: which image version, which key, whose runner,
+its network zone), `nrp-X.ready` (made by the unit's ExecStartPost= once the guest is up;
+taking a machine is removing it, which only one prepare can do). The unit's ExecStopPost=
+(executor/reap.py) removes them, the machine's layer and its network."""
 
 from __future__ import annotations
 
@@ -37,13 +39,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 from nspawn_runner import layout, log, proc
 from nspawn_runner.errors import SystemFailure
-from nspawn_runner.executor import identity, reap, state
-from nspawn_runner.host import machine
+from nspawn_runner.executor import identity, reap, state, status
+from nspawn_runner.host import backends, machine, netplan, network
 from nspawn_runner.host.limits import Limits
 from nspawn_runner.settings import Settings
 
@@ -66,6 +69,8 @@ class PoolMachine(NamedTuple):
     key: str  # how it was booted: a job gets it only if its own machine would be the same
     owner: str  # the gitlab-runner process it is kept for ("pid:starttime")
     booted: float  # time.time() of its start
+    zone: str = ""  # its network zone (host/network.py), "" with network = host or none
+    ipv6: bool = False
     kind: str = "pool"
     schema: int = SCHEMA
 
@@ -186,13 +191,13 @@ def take(cfg: Settings, spec: machine.BootSpec, lim: Limits, saved: state.Machin
             # From now on the machine is the job's, as a booted one would be.
             (layout.RUNTIME_DIR / f"{record.machine}.json").unlink(missing_ok=True)
         try:
-            _hand_out(spec, lim, saved, mine, user_dirs)
+            _hand_out(spec, lim, saved, mine, user_dirs, record)
         except (SystemFailure, OSError) as e:
             log.info(f"nspawn-runner: pool machine {record.machine} could not be handed out "
                      f"({e}); booting one")
-            # The job's state first: the unit's reaper must not find it (it names the
-            # machine) after prepare has written the one for the machine it boots instead.
-            state.remove(saved.machine)
+            # The job's state first, back to the machine prepare boots instead: the pool
+            # machine's reaper removes the records that name it.
+            state.write(saved)
             _discard(record.machine, record.unit)
             return False
         log.info(f"nspawn-runner: machine {record.machine} from the warm pool of image "
@@ -234,24 +239,40 @@ def release(job_machine: str, stop_timeout: int) -> None:
                          stop_timeout)
 
 
+def _has_mark(st: state.MachineState, name: str) -> bool:
+    """Whether a file `name` is in the machine's RESULTS_INSIDE (executor/status.py)."""
+    fd = status.open_dir(st.leader, st.status_dev)
+    if fd is None:
+        return False
+    try:
+        return status.exists(fd, name)
+    finally:
+        os.close(fd)
+
+
 def _hand_out(spec: machine.BootSpec, lim: Limits, saved: state.MachineState,
-              mine: state.MachineState, user_dirs: Sequence[str]) -> None:
+              mine: state.MachineState, user_dirs: Sequence[str], record: PoolMachine) -> None:
     name = mine.machine
+    leader, root_dir = machine.describe(name)
+    mine = mine._replace(leader=leader, status_dev=status.device(leader),
+                         snapshot=root_dir if spec.backend is backends.Backend.BTRFS else "")
+    if not mine.status_dev:
+        raise SystemFailure(f"pool machine {name}: its {layout.RESULTS_INSIDE} cannot be read "
+                            "from the host")
+    state.write(mine, saved.machine)
     for host, inside in spec.binds:
-        if host == layout.results_dir(saved.machine):
-            continue  # the pool machine has its own, bound at boot
         host.mkdir(parents=True, exist_ok=True)
         proc.run(["machinectl", "bind", "--mkdir", name, host, inside], timeout=60)
+    network.wait_usable(name, network.Attached(zone=record.zone, ipv6=record.ipv6), spec.image,
+                        partial(_has_mark, mine, netplan.READY_MARK))
     hostname = spec.image_path / "etc" / "hostname"
     try:
         named = hostname.is_file() and bool(hostname.read_text().strip())
     except OSError:
         named = False
     if not named:
-        leader = proc.run(["machinectl", "show", "--property=Leader", "--value", name],
-                          capture=True, timeout=30).stdout.strip()
-        proc.run(["nsenter", f"--target={leader}", "--uts", "hostname", saved.machine],
-                 timeout=30)
+        proc.run(["nsenter", f"--target={leader.partition(':')[0]}", "--uts", "hostname",
+                  saved.machine], timeout=30)
     for prop in spec.properties:
         if prop.startswith(_RUNTIME_MAX):
             proc.run(["systemd-run", "--quiet", "--collect", f"--unit={deadline_unit(name)}",
@@ -264,7 +285,7 @@ def _hand_out(spec: machine.BootSpec, lim: Limits, saved: state.MachineState,
         state.write(mine._replace(user=lim.user, home=home), saved.machine)
 
 
-def _boot(spec: machine.BootSpec, owner: str) -> str:
+def _boot(cfg: Settings, spec: machine.BootSpec, lim: Limits, owner: str) -> str:
     """Start a pool machine like `spec`'s, without waiting for it (systemd-run --no-block:
     the boot runs on in PID 1, not in this process)."""
     name = PREFIX + os.urandom(4).hex()
@@ -275,23 +296,27 @@ def _boot(spec: machine.BootSpec, owner: str) -> str:
         if reap.unsafe(value):
             raise SystemFailure(f"{value!r} contains a character systemd would interpret; "
                                 "set NSPAWN_RUNNER_RUNTIME_DIR to a plain path")
-    pool_spec = dataclasses.replace(
-        spec, machine=name, unit=unit,
-        description=f"nspawn-runner pool machine for image {spec.image}",
-        binds=((layout.results_dir(name), layout.RESULTS_INSIDE),),
-        properties=(*_pool_properties(spec), *reap.unit_properties(name),
-                    # After READY=1: up, and may be handed out.
-                    f"--property=ExecStartPost={touch} {ready}"))
     record = PoolMachine(
         machine=name, unit=unit, image=spec.image, image_path=str(spec.image_path),
         image_id=_image_id(spec.image_path), backend=spec.backend.value, root=str(spec.root),
-        overlay=str(pool_spec.overlay) if pool_spec.overlay else None, key=key(spec),
-        owner=owner, booted=time.time())
+        overlay=str(layout.overlay_dir(spec.root, name))
+        if spec.backend is backends.Backend.OVERLAY else None,
+        key=key(spec), owner=owner, booted=time.time())
     _write(record)  # before the boot: gc knows whose it is even if we are killed now
     try:
+        net = network.attach(name, cfg.network_options(lim.network))
+        record = record._replace(zone=net.zone, ipv6=net.ipv6)
+        _write(record)
+        pool_spec = dataclasses.replace(
+            spec, machine=name, unit=unit,
+            description=f"nspawn-runner pool machine for image {spec.image}",
+            binds=(),  # the job's, bound at hand-out
+            nspawn_options=spec.nspawn_options + net.nspawn_options,
+            properties=(*_pool_properties(spec), *reap.unit_properties(name),
+                        # After READY=1: up, and may be handed out.
+                        f"--property=ExecStartPost={touch} {ready}"))
         if pool_spec.overlay:
             (pool_spec.overlay / "upper").mkdir(parents=True)
-        layout.results_dir(name).mkdir(parents=True, exist_ok=True)
         cmd = machine.boot_command(pool_spec)
         cmd.insert(1, "--no-block")  # systemd-run --no-block: queue the start, do not wait
         proc.run(cmd, timeout=60)
@@ -302,7 +327,8 @@ def _boot(spec: machine.BootSpec, owner: str) -> str:
     return name
 
 
-def refill(cfg: Settings, spec: machine.BootSpec, wanted: int, owner: str) -> list[str]:
+def refill(cfg: Settings, spec: machine.BootSpec, lim: Limits, wanted: int,
+           owner: str) -> list[str]:
     """Boot what the pool of `spec`'s kind lacks, in the background; stop what it has too
     many of. Machines kept for a runner that is gone are taken over for `owner`. Never fails
     the job: a pool that cannot be filled is a warning."""
@@ -318,7 +344,7 @@ def refill(cfg: Settings, spec: machine.BootSpec, wanted: int, owner: str) -> li
                 if record.owner != owner and not state.owner_alive(record.owner):
                     _write(record._replace(owner=owner))
             for _ in range(wanted - len(same)):
-                booted.append(_boot(spec, owner))
+                booted.append(_boot(cfg, spec, lim, owner))
     except (SystemFailure, OSError) as e:
         log.warn(f"could not refill the warm pool of image {spec.image!r}: {e}")
     return booted
@@ -346,7 +372,7 @@ def fill(cfg: Settings, spec_of: SpecOf, owner: str, images: Sequence[str]) -> l
             continue
         wanted = size(cfg, spec.image, lim)
         if wanted:
-            booted += refill(cfg, spec, wanted, owner)
+            booted += refill(cfg, spec, lim, wanted, owner)
     return booted
 
 
@@ -386,6 +412,16 @@ def _units() -> dict[str, float]:
     return out
 
 
+def known() -> set[str]:
+    """Pool machines with a record or a unit (gc keeps their networks and layers)."""
+    names = {r.machine for r in records()}
+    for unit in _units():
+        name = unit.removeprefix(identity.UNIT_PREFIX).removesuffix(".service")
+        if is_pool_name(name):
+            names.add(name)
+    return names
+
+
 def _serving() -> set[str]:
     """Pool machines that serve a job now (a job's state file names them)."""
     found = set()
@@ -399,12 +435,22 @@ def _serving() -> set[str]:
     return found
 
 
-def collect(cfg: Settings, grace: float) -> list[str]:
+# gc's Report.do(kind, item, reason, action): runs the action (or, dry, only notes it) and
+# reports what went and what failed.
+Do = Callable[[str, str, str, Callable[[], object]], None]
+
+
+def _remove(cfg: Settings, name: str, unit: str, overlay: str | None) -> None:
+    _discard(name, unit)
+    machine.teardown(name, unit, Path(overlay) if overlay else None, cfg.stop_timeout)
+    reap.reap(name, root=cfg.root)
+
+
+def collect(cfg: Settings, grace: float, do: Do) -> None:
     """gc: remove pool machines kept for a runner that is gone, of an old image version, or
-    left without record or unit; one line per thing removed. A pool machine serving a job is
-    the job's: gc's own rules for jobs apply to it."""
+    left without record or unit. A pool machine serving a job is the job's: gc's rules for
+    jobs apply to it."""
     now = time.time()
-    removed = []
     units = _units()
     serving = _serving()
     recorded = set()
@@ -422,19 +468,14 @@ def collect(cfg: Settings, grace: float) -> list[str]:
         elif record.unit not in units:
             why = "its unit is gone"
         if why:
-            overlay = Path(record.overlay) if record.overlay else None
-            _discard(record.machine, record.unit)
-            machine.teardown(record.machine, record.unit, overlay, cfg.stop_timeout)
-            reap.reap(record.machine)
-            removed.append(f"pool machine {record.machine} (image {record.image}): {why}")
+            do("pool machine", record.machine, f"image {record.image}: {why}",
+               partial(_remove, cfg, record.machine, record.unit, record.overlay))
     for unit, since in units.items():
         name = unit.removeprefix(identity.UNIT_PREFIX).removesuffix(".service")
         if (is_pool_name(name) and name not in recorded and name not in serving
                 and now - since >= grace):
-            _discard(name, unit)
-            machine.teardown(name, unit, None, cfg.stop_timeout)
-            reap.reap(name, root=cfg.root)
-            removed.append(f"pool machine {name}: unit {unit} without a record")
+            do("pool machine", name, f"unit {unit} without a record",
+               partial(_remove, cfg, name, unit, None))
     # Files and layers of pool machines that have neither record nor unit any more.
     left = {p.name.partition(".")[0]: p for p in layout.RUNTIME_DIR.glob(f"{PREFIX}*")}
     overlays = layout.overlays_dir(cfg.root)
@@ -442,9 +483,8 @@ def collect(cfg: Settings, grace: float) -> list[str]:
     for name, path in sorted(left.items()):
         if (is_pool_name(name) and name not in recorded and name not in serving
                 and unit_of(name) not in units and now - path.lstat().st_mtime >= grace):
-            reap.reap(name, root=cfg.root)
-            removed.append(f"pool leftovers of {name}")
-    return removed
+            do("pool leftovers", name, "no pool machine has them",
+               partial(reap.reap, name, cfg.root))
 
 
 def drain(cfg: Settings) -> list[str]:

@@ -5,16 +5,18 @@ contract; config.py, run.py and cleanup.py are the other stages."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 from nspawn_runner import layout, log, settings
 from nspawn_runner.errors import SystemFailure
-from nspawn_runner.executor import identity, pool, reap, state
-from nspawn_runner.host import backends, limits, machine
+from nspawn_runner.executor import identity, pool, reap, state, status
+from nspawn_runner.host import backends, fs, limits, machine, netplan, network
 from nspawn_runner.images import names
 from nspawn_runner.settings import Settings
 
@@ -30,15 +32,30 @@ def cache_host_dir(cfg: Settings, this: identity.Job) -> Path:
     return layout.cache_root(cfg.root) / _server_dir(this) / this.project_path
 
 
-def builds_host_dir(cfg: Settings, this: identity.Job,
-                    environ: dict[str, str] | None = None) -> Path:
-    """The persistent builds directory of the job's project and concurrent slot. The slot is
-    a job variable (CI_CONCURRENT_ID) a job could set: it can only ever pick another slot of
-    its own project, never another project's checkout."""
-    env = os.environ if environ is None else environ
-    slot = env.get("CUSTOM_ENV_CI_CONCURRENT_ID", "0")
-    slot = slot if slot.isdigit() and len(slot) < 10 else "0"
-    return layout.builds_root(cfg.root) / _server_dir(this) / this.project_path / slot
+def builds_base(cfg: Settings, this: identity.Job) -> Path:
+    """The persistent builds directories of the job's runner and project: one per concurrent
+    slot below it. Keyed by the runner too, so that two runner entries on one host never share
+    a checkout."""
+    runner = this.runner_id if this.runner_id.isdigit() else "unknown"
+    return layout.builds_root(cfg.root) / _server_dir(this) / runner / this.project_path
+
+
+def claim_builds_slot(cfg: Settings, this: identity.Job) -> Path:
+    """The lowest slot no running job holds. Chosen by the driver, never by the job
+    (CI_CONCURRENT_ID is a job variable): a job cannot make another job's checkout its own.
+    Call with the lock of `builds_base` held, and record the slot before releasing it."""
+    base = builds_base(cfg, this)
+    held = set()
+    for other in state.all_states():
+        if other.machine != this.machine and other.builds_slot and state.alive(other):
+            held.add(other.builds_slot)
+    slot = 0
+    while str(base / f"slot-{slot}") in held:
+        slot += 1
+    path = base / f"slot-{slot}"
+    layout.private_dirs(cfg.root, path)
+    os.utime(path)  # gc expires slots by their last use
+    return path
 
 
 def gitlab_runner_binary(cfg: Settings) -> Path | None:
@@ -60,10 +77,11 @@ def _check_host() -> None:
                             "for the test bed on hosts without it)")
 
 
-def boot_spec(cfg: Settings, this: identity.Job,
-              default_image: str = "") -> tuple[machine.BootSpec, limits.Limits]:
+def boot_spec(cfg: Settings, this: identity.Job, default_image: str = "",
+              builds_slot: Path | None = None) -> tuple[machine.BootSpec, limits.Limits]:
     """How to boot the job's machine, and the limits that apply to it (the settings',
-    overridden by the image file's [limits])."""
+    overridden by the image file's [limits]). Nothing here comes from job variables but the
+    image's name."""
     from nspawn_runner.images import spec
 
     name, path = names.resolve(cfg, this.image_ref, default_image)
@@ -95,27 +113,53 @@ def boot_spec(cfg: Settings, this: identity.Job,
         stop_timeout=cfg.stop_timeout,
         binds=(
             (cache_host_dir(cfg, this), f"{cfg.cache_dir}/{this.project_path}"),
-            (layout.results_dir(this.machine), layout.RESULTS_INSIDE),
-            *([(builds_host_dir(cfg, this), cfg.builds_dir)] if cfg.persistent_builds else []),
+            *([(builds_slot, cfg.builds_dir)] if builds_slot else []),
         ),
         binds_ro=tuple(binds_ro),
         description=f"nspawn-runner job {this.job_id} on image {name}",
         # Removal of what the machine leaves, whoever stops it (executor/reap.py).
-        properties=(*lim.unit_properties(), *reap.unit_properties(this.machine)),
+        properties=(*lim.unit_properties(runtime_max(lim, this)),
+                    *reap.unit_properties(this.machine)),
         idmap=lim.private_users,
         nspawn_options=tuple(lim.nspawn_args()),
         init_args=tuple(lim.init_args()),
     ), lim
 
 
+# After the job's own timeout: after_script, cache and artifact uploads, cleanup.
+TIMEOUT_MARGIN = 900
+
+
+def runtime_max(lim: limits.Limits, this: identity.Job) -> int:
+    """RuntimeMaxSec= of the machine's unit: the backstop that stops a machine whose job is
+    long over even if cleanup and gc never ran. The job's timeout plus a margin, capped by the
+    admin's max_job_duration."""
+    by_job = this.timeout + TIMEOUT_MARGIN if this.timeout else 0
+    caps = [v for v in (by_job, lim.max_job_duration) if v]
+    return min(caps) if caps else 0
+
+
+def _has_mark(st: state.MachineState, name: str) -> bool:
+    """Whether a file `name` is in the machine's RESULTS_INSIDE (executor/status.py)."""
+    fd = status.open_dir(st.leader, st.status_dev)
+    if fd is None:
+        return False
+    try:
+        return status.exists(fd, name)
+    finally:
+        os.close(fd)
+
+
 def prepare(cfg: Settings, default_image: str = "") -> None:
     this = identity.load(secret_names=cfg.secret_variables)
-    spec, lim = boot_spec(cfg, this, default_image)
     _check_host()
+    spec, lim = boot_spec(cfg, this, default_image)
+    layout.private_dirs(cfg.root, layout.overlays_dir(cfg.root), cache_host_dir(cfg, this))
     # A crashed runner or a killed earlier attempt may have left this job's machine behind.
     machine.teardown(this.machine, this.unit, layout.overlay_dir(cfg.root, this.machine),
                      cfg.stop_timeout)
     pool.release(this.machine, cfg.stop_timeout)
+    network.release(this.machine)
     state.remove(this.machine)
     image_stat = spec.image_path.stat()
     saved = state.MachineState(
@@ -123,32 +167,54 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
         root=str(cfg.root), overlay=str(spec.overlay) if spec.overlay else None,
         shell=cfg.shell, secret_variables=cfg.secret_variables,
         image_path=str(spec.image_path), image_id=f"{image_stat.st_dev}:{image_stat.st_ino}",
-        owner=state.owner_identity())
+        owner=state.owner_identity(), job_dir=this.job_dir,
+        step_start_timeout=cfg.step_start_timeout)
+    # Written before the boot, so that `gc` knows whose machine this is even if we are killed
+    # while it boots.
+    if cfg.persistent_builds:
+        base = builds_base(cfg, this)
+        layout.private_dirs(cfg.root, base)
+        with fs.locked(base / ".lock"):
+            slot = claim_builds_slot(cfg, this)
+            spec = dataclasses.replace(spec, binds=(*spec.binds, (slot, cfg.builds_dir)))
+            saved = saved._replace(builds_slot=str(slot))
+            state.write(saved)
+    else:
+        state.write(saved)
     # The step status directory too: the job's shell writes its exit status there.
     user_dirs = [cfg.builds_dir, f"{cfg.cache_dir}/{this.project_path}", layout.RESULTS_INSIDE]
     pool_size = pool.size(cfg, spec.image, lim)
     if pool_size and pool.take(cfg, spec, lim, saved, user_dirs):
-        pool.refill(cfg, spec, pool_size, saved.owner)
+        pool.refill(cfg, spec, lim, pool_size, saved.owner)
         return
     reap.wait_for_space(cfg.root, cfg.stop_timeout)
     log.info(f"nspawn-runner: booting machine {this.machine} from image {spec.image!r} "
              f"({spec.backend} backend)")
     start = time.monotonic()
-    # Written before the boot, so that `gc` knows whose machine this is even if we are killed
-    # while it boots.
-    state.write(saved)
     try:
-        machine.boot(spec)
+        net = network.attach(this.machine, cfg.network_options(lim.network))
+        machine.boot(dataclasses.replace(
+            spec, nspawn_options=spec.nspawn_options + net.nspawn_options))
+        leader, root_dir = machine.describe(this.machine)
+        saved = saved._replace(leader=leader, status_dev=status.device(leader),
+                               snapshot=root_dir if spec.backend is backends.Backend.BTRFS
+                               else "")
+        if not saved.status_dev:
+            raise SystemFailure(f"machine {this.machine} booted, but its {layout.RESULTS_INSIDE} "
+                                "cannot be read from the host; see journalctl -u " + this.unit)
+        network.wait_usable(this.machine, net, spec.image,
+                            partial(_has_mark, saved, netplan.READY_MARK))
         if lim.user != "root":
             home = machine.ensure_user(this.machine, lim.user, user_dirs)
             saved = saved._replace(user=lim.user, home=home)
-            state.write(saved)
+        state.write(saved)
     except BaseException:
         machine.teardown(this.machine, this.unit, spec.overlay, cfg.stop_timeout)
+        network.release(this.machine)
         state.remove(this.machine)
         raise
     log.info(f"nspawn-runner: machine {this.machine} ready in {time.monotonic() - start:.1f}s")
     if pool_size or pool.exists():
         # After the job's own boot, which it would otherwise compete with for the CPU. With
         # pool_size 0 (lowered since), this stops the idle machines of the old pool.
-        pool.refill(cfg, spec, pool_size, saved.owner)
+        pool.refill(cfg, spec, lim, pool_size, saved.owner)

@@ -94,11 +94,18 @@ def reap(machine: str, root: Path | None = None) -> list[str]:
         else:
             path.unlink(missing_ok=True)
         removed.append(str(path))
-    if overlay and os.path.lexists(overlay):
-        from nspawn_runner.host import fs
+    from nspawn_runner.host import fs, network
 
+    if overlay and os.path.lexists(overlay):
         fs.remove_tree(Path(overlay))
         removed.append(overlay)
+    # btrfs: nspawn deletes its --ephemeral snapshot when it exits, unless the job made that
+    # impossible (an immutable file) or nspawn was killed.
+    snapshot = _field(records, "snapshot")
+    if snapshot and Path(snapshot).name.startswith(".#machine.") and os.path.lexists(snapshot):
+        fs.remove_tree(Path(snapshot))
+        removed.append(snapshot)
+    network.release(machine)
     image, image_id = _field(records, "image"), _field(records, "image_id")
     if recorded_root and image and image_id:
         removed += _prune_if_old(Path(recorded_root), image, image_id)

@@ -14,7 +14,7 @@ from nspawn_runner.errors import SystemFailure
 if TYPE_CHECKING:
     from nspawn_runner.images.store import Use
 
-SCHEMA = 1
+SCHEMA = 2
 
 
 class MachineState(NamedTuple):
@@ -34,9 +34,20 @@ class MachineState(NamedTuple):
     # an old version swapped out by maintenance is removed only when no machine uses it.
     image_path: str = ""
     image_id: str = ""
-    # The gitlab-runner process that prepared the machine ("pid:starttime"): `gc` treats the
-    # machine as abandoned once it is gone.
+    # The gitlab-runner process that prepared the machine ("pid:starttime") and the job's
+    # directory it made (JOB_RESPONSE_FILE's): the job runs while both exist (`alive`).
     owner: str = ""
+    job_dir: str = ""
+    # The machine's init on the host ("pid:starttime"): run reads each step's exit status
+    # through /proc/<pid>/root, never through a host directory the job could write.
+    leader: str = ""
+    status_dev: int = 0  # st_dev of RESULTS_INSIDE's tmpfs at prepare: a remount is refused
+    # Seconds a step may take to start before run reports a hanging systemd-run --machine.
+    step_start_timeout: int = 60
+    builds_slot: str = ""  # host directory of the persistent builds slot, if any
+    # btrfs: the --ephemeral snapshot, which cleanup removes should nspawn fail to (a file
+    # the job made immutable).
+    snapshot: str = ""
     schema: int = SCHEMA
 
 
@@ -75,10 +86,24 @@ def read(machine: str) -> MachineState | None:
                             f"version ({e}): retry the job") from None
 
 
-def remove(machine: str) -> None:
-    import shutil
+def all_states() -> list[MachineState]:
+    """Every readable state file's contents (an unreadable one is skipped: gc reports it)."""
+    found = []
+    try:
+        names = sorted(p.stem for p in layout.RUNTIME_DIR.glob("*.json"))
+    except OSError:
+        return []
+    for name in names:
+        try:
+            st = read(name)
+        except SystemFailure:
+            continue
+        if st is not None:
+            found.append(st)
+    return found
 
-    shutil.rmtree(layout.results_dir(machine), ignore_errors=True)
+
+def remove(machine: str) -> None:
     path(machine).unlink(missing_ok=True)
 
 
@@ -98,9 +123,20 @@ def _stat(pid: int) -> tuple[str, int, str] | None:
     return comm, int(fields[1]), fields[19]
 
 
+def process_identity(pid: int) -> str:
+    """"pid:starttime" of a live process, "" if it is gone: a reused pid has another start."""
+    info = _stat(pid)
+    return f"{pid}:{info[2]}" if info else ""
+
+
 def owner_identity(pid: int | None = None) -> str:
-    """"pid:starttime" of the process that called us through any wrappers (gitlab-runner)."""
-    pid = os.getppid() if pid is None else pid
+    """"pid:starttime" of gitlab-runner: it starts every call in a new process group, so the
+    owner is the parent of our process group's leader (a `prepare_exec` wrapper that does not
+    exec is that leader), skipping wrappers that start their own group (sudo with use_pty)."""
+    if pid is None:
+        leader = os.getpgrp()
+        info = _stat(leader)
+        pid = info[1] if info else os.getppid()
     while pid > 1:
         info = _stat(pid)
         if info is None:
@@ -119,6 +155,19 @@ def owner_alive(identity: str) -> bool:
     pid, _, start = identity.partition(":")
     info = _stat(int(pid))
     return info is not None and info[2] == start
+
+
+def alive(st: MachineState) -> bool:
+    """Whether the job `st` belongs to is still running: gitlab-runner lives and the job's
+    directory, which it removes after cleanup, is still there. The directory is looked up
+    through gitlab-runner's own root, so a PrivateTmp= of its service does not hide it."""
+    if st.owner and not owner_alive(st.owner):
+        return False
+    if not st.job_dir:
+        return bool(st.owner)
+    pid = st.owner.partition(":")[0]
+    where = f"/proc/{pid}/root{st.job_dir}" if st.owner else st.job_dir
+    return os.path.isdir(where)
 
 
 def image_uses() -> list[Use]:

@@ -7,7 +7,10 @@ set (`chattr +i`), and never crosses into another file system."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nspawn_runner import proc
@@ -31,6 +34,17 @@ def is_subvolume(path: Path) -> bool:
     except OSError:
         return False
     return st.st_ino == BTRFS_SUBVOLUME_INO and on_btrfs(path)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file `path` (created 0600) while the block runs."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def mounts_under(path: Path) -> list[str]:

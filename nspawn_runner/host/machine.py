@@ -11,6 +11,8 @@ from nspawn_runner.errors import CommandError, SystemFailure
 from nspawn_runner.host import backends, fs, machined
 from nspawn_runner.host.backends import Backend
 
+DEVICE_ALLOW = ("/dev/net/tun rwm", "char-pts rw")
+
 
 @dataclass(frozen=True)
 class BootSpec:
@@ -56,6 +58,11 @@ def boot_command(spec: BootSpec) -> list[str]:
         "--property=KillMode=mixed",
         f"--property=TimeoutStartSec={spec.boot_timeout}",
         f"--property=TimeoutStopSec={spec.stop_timeout}",
+        # With --keep-unit nspawn adds no device rules of its own (pitfall 14): those of
+        # systemd-nspawn@.service (the standard pseudo devices come with "closed"), so that a
+        # job's CAP_MKNOD opens no host disk.
+        "--property=DevicePolicy=closed",
+        *[f"--property=DeviceAllow={rule}" for rule in DEVICE_ALLOW],
         *spec.properties,
         "--",
         "systemd-nspawn",
@@ -71,6 +78,8 @@ def boot_command(spec: BootSpec) -> list[str]:
         "--settings=no",
         "--link-journal=no",
         "--console=read-only",
+        # Where each step's exit status goes (executor/status.py): the machine's own tmpfs.
+        f"--tmpfs={backends.escape(layout.RESULTS_INSIDE)}:{layout.RESULTS_TMPFS}",
         *[f"--bind={backends.escape(h)}:{backends.escape(i)}{opts}" for h, i in spec.binds],
         *[f"--bind-ro={backends.escape(h)}:{backends.escape(i)}{opts}"
           for h, i in spec.binds_ro],
@@ -119,6 +128,21 @@ def boot(spec: BootSpec) -> None:
         teardown(spec.machine, spec.unit, spec.overlay, spec.stop_timeout)
         raise
     log.debug(f"machine {spec.machine} ready in {time.monotonic() - start:.2f}s")
+
+
+def describe(machine: str) -> tuple[str, str]:
+    """("pid:starttime" of the machine's init as the host sees it, its root directory)."""
+    out = proc.run(["machinectl", "show", "--property=Leader", "--property=RootDirectory",
+                    machine], capture=True).stdout
+    props = dict(line.partition("=")[::2] for line in out.splitlines())
+    pid = props.get("Leader", "")
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        raise SystemFailure(f"machine {machine} has no running init (machined says leader "
+                            f"{pid!r}); see journalctl -u nspawn-runner-{machine}.service"
+                            ) from None
+    return f"{pid}:{start}", props.get("RootDirectory", "")
 
 
 def ensure_user(machine: str, user: str, dirs: list[str]) -> str:

@@ -4,23 +4,27 @@ through systemd-nspawn, and what every CI image needs whatever its file says."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import lzma
 import os
 import platform
 import shlex
 import shutil
+import subprocess
 import tempfile
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from nspawn_runner import log, proc
 from nspawn_runner.errors import CommandError, SystemFailure
 from nspawn_runner.host import backends
+from nspawn_runner.images import transport
 from nspawn_runner.images.spec import TARGET, ImageSpec
-from nspawn_runner.progress import Step, run_tool
+from nspawn_runner.progress import Step, run_tool, stop, wait
 from nspawn_runner.settings import Settings
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -170,9 +174,9 @@ def _short(text: str, width: int = 60) -> str:
 def bootstrap(settings: Settings, spec: ImageSpec, target: Path) -> None:
     """Fill the empty directory `target` with a root file system."""
     if spec.bootstrap == "import":
-        with (fetched(spec.import_from, target.parent, spec.name) as archive,
+        with (transport.fetched(spec.import_from, target.parent, spec.name) as (tarball, _),
               Step(f"unpack {spec.import_from}")):
-            extract(archive, target)
+            extract(tarball, target)
         return
     if spec.bootstrap == "command":
         with (Step(f"bootstrap with {_short(shlex.join(spec.command), 40)}"),
@@ -243,40 +247,80 @@ def run_playbook(spec: ImageSpec, target: Path, cache: Path | None) -> None:
         ])
 
 
-@contextmanager
-def fetched(source: str, workdir: Path, name: str) -> Iterator[Path]:
-    """A local path of the tarball `source` (a path or URL), downloaded next to the images
-    (as a leftover of image `name` if we are killed) if need be, and removed afterwards."""
-    parsed = urllib.parse.urlparse(source)
-    if parsed.scheme in ("", "file"):
-        path = Path(urllib.parse.unquote(parsed.path) if parsed.scheme else source)
-        if not path.is_file():
-            raise ImageBuildError(f"{source} does not exist or is not a file")
-        yield path
-        return
-    if parsed.scheme not in ("http", "https"):
-        raise ImageBuildError(f"{source}: only http, https and file URLs can be imported")
-    fd, name = tempfile.mkstemp(dir=workdir, prefix=f".tmp-{name}@download-", suffix=".tar")
-    try:
-        with Step(f"download {source}"), os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(source, timeout=60) as response:
-                    shutil.copyfileobj(response, out, 1 << 20)
-            except OSError as e:
-                raise ImageBuildError(f"cannot download {source}: {e}") from None
-        yield Path(name)
-    finally:
-        Path(name).unlink(missing_ok=True)
-
-
 TAR_METADATA = ["--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner"]
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+_GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK = 1 << 20
+
+
+def _decompressor(archive: Path) -> Callable[[IO[bytes]], io.BufferedIOBase] | None:
+    """Python's own decompressor for xz and gzip tarballs (no xz-utils needed on the host);
+    None for what tar reads by itself (plain, zstd, bzip2)."""
+    with open(archive, "rb") as f:
+        head = f.read(6)
+    if head.startswith(_XZ_MAGIC):
+        return lambda f: lzma.open(f)
+    if head.startswith(_GZIP_MAGIC):
+        return lambda f: gzip.open(f)
+    return None
 
 
 def extract(archive: Path, target: Path) -> None:
     """Unpack a root file system tarball (any compression tar recognises) with ownership,
     permissions and extended attributes."""
-    run_tool(["tar", "--extract", f"--file={archive}", f"--directory={target}",
-              "--same-owner", "--same-permissions", *TAR_METADATA])
+    opts: list[str | Path] = ["--directory", target, "--same-owner", "--same-permissions",
+                              *TAR_METADATA]
+    decompress = _decompressor(archive)
+    if decompress is None:
+        run_tool(["tar", "--extract", f"--file={archive}", *opts])
+        return
+    child = proc.spawn(["tar", "--extract", "--file=-", *opts], stdin=subprocess.PIPE)
+    assert child.stdin is not None
+    try:
+        with open(archive, "rb") as raw, decompress(raw) as data:
+            try:
+                while block := data.read(_CHUNK):
+                    child.stdin.write(block)
+            except BrokenPipeError:
+                pass  # tar stopped reading: its status says why
+            except (EOFError, lzma.LZMAError, OSError) as e:
+                stop(child)
+                raise ImageBuildError(f"{archive} is not a complete tarball ({e})") from None
+        child.stdin.close()
+    except BaseException:
+        stop(child)
+        raise
+    code = wait(child)
+    if code != 0:
+        raise ImageBuildError(f"tar could not unpack {archive} (status {code}, see above)")
+
+
+_COMPRESSORS = {".tar.xz": ("xz", "xz -T0"), ".tar.gz": ("gzip", "gzip -6")}
+
+
+def archive(source: Path, dest: Path, fmt: str) -> None:
+    """Write the tree `source` to `dest` as a tarball in `fmt` (transport.FORMATS), with
+    ownership, permissions, ACLs and xattrs. xz compresses with all cores when xz-utils is
+    installed, else in this process (one core, the same result)."""
+    create = ["tar", "--create", f"--directory={source}", *TAR_METADATA]
+    program, command = _COMPRESSORS.get(fmt, ("", ""))
+    if not program or shutil.which(program):
+        # The compressor is a fixed string (tar runs it through the shell).
+        run_tool([*create, f"--file={dest}",
+                  *([f"--use-compress-program={command}"] if command else []), "."])
+        return
+    child = proc.spawn([*create, "--file=-", "."], stdout=subprocess.PIPE)
+    assert child.stdout is not None
+    try:
+        with lzma.open(dest, "wb", preset=6) as out:
+            while block := child.stdout.read(_CHUNK):
+                out.write(block)
+    except BaseException:
+        stop(child)
+        raise
+    code = wait(child)
+    if code != 0:
+        raise ImageBuildError(f"tar could not read {source} (status {code}, see above)")
 
 
 def finalize(name: str, target: Path, hostname: str | None) -> None:
@@ -291,8 +335,20 @@ def finalize(name: str, target: Path, hostname: str | None) -> None:
     current = etc / "hostname"
     if hostname is not None or not current.is_file() or not current.read_text().strip():
         _write_plain(current, f"{hostname or name}\n")
+    enable_networkd(target)
     # What dpkg did not fsync (UNSAFE_IO) is on disk before the image can be used.
     proc.run(["sync", "--file-system", target])
+
+
+def enable_networkd(target: Path) -> None:
+    """A job with network = "isolated" gets its address from the machine's own networkd
+    (host/network.py). Images without it are left alone: prepare says what is missing."""
+    if not any(os.path.lexists(target / d / "systemd-networkd.service")
+               for d in ("usr/lib/systemd/system", "lib/systemd/system")):
+        log.debug(f"{target}: no systemd-networkd to enable")
+        return
+    proc.run(["systemctl", f"--root={target}", "--quiet", "enable",
+              "systemd-networkd.service"])
 
 
 def _write_plain(path: Path, text: str) -> None:

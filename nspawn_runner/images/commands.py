@@ -16,7 +16,7 @@ from pathlib import Path
 from nspawn_runner import log, proc, table
 from nspawn_runner.errors import Cancelled, NspawnRunnerError, SystemFailure
 from nspawn_runner.host import backends, fs
-from nspawn_runner.images import build, names, store
+from nspawn_runner.images import build, names, store, transport
 from nspawn_runner.images import spec as image_file
 from nspawn_runner.images.spec import ImageSpec
 from nspawn_runner.images.store import InUse
@@ -151,25 +151,38 @@ def maintenance(settings: Settings, names: Sequence[str], in_use: InUse) -> list
     return outcomes
 
 
-def maintenance_report(outcomes: Sequence[Outcome]) -> str:
+def maintenance_report(outcomes: Sequence[Outcome], colour: bool = False) -> str:
+    """The summary table of chroot-maintenance and chroot-sync; FAILED in red with `colour`."""
     rows = [("IMAGE", "RESULT", "TIME", "")]
     for o in outcomes:
         rows.append((o.name, "FAILED" if o.error else o.action, f"{o.seconds:.1f}s",
                      _first_line(o.error)))
-    return table.render(rows)
+    text = table.render(rows)
+    return table.paint_column(text, 1, {"FAILED": "error"}) if colour else text
 
 
-def check_outcomes(outcomes: Sequence[Outcome]) -> None:
+def check_outcomes(outcomes: Sequence[Outcome], what: str = "maintenance") -> None:
     failed = [o.name for o in outcomes if o.error]
     if failed:
-        raise SystemFailure(f"maintenance failed for {len(failed)} of {len(outcomes)} images: "
+        raise SystemFailure(f"{what} failed for {len(failed)} of {len(outcomes)} images: "
                             f"{', '.join(failed)} (their previous versions are unchanged)")
+
+
+def existing(settings: Settings, name: str) -> Path:
+    """The current version of image `name`, checked before any lock or directory is made (or
+    a question asked)."""
+    path = store.image_path(settings, name)
+    if not path.is_dir():
+        raise names.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
+                               "`nspawn-runner chroot-list` shows the images there are")
+    return path
 
 
 def login(settings: Settings, name: str, command: Sequence[str], in_use: InUse) -> None:
     """A root shell (or `command`) in a copy of image `name`; the copy replaces the image if
     it exits with status 0 and is discarded otherwise."""
     spec = image_file.load(settings, name)
+    existing(settings, name)
     cache = build.package_cache(settings, spec) if spec else None
     interactive = not command and sys.stdin.isatty() and sys.stdout.isatty()
     with store.lock(settings, name, f"chroot-login {name}"):
@@ -191,11 +204,9 @@ def login(settings: Settings, name: str, command: Sequence[str], in_use: InUse) 
 
 
 def remove(settings: Settings, name: str, in_use: InUse, force: bool = False) -> None:
+    existing(settings, name)
     with store.lock(settings, name, f"chroot-remove {name}"):
-        path = store.image_path(settings, name)
-        if not path.is_dir():
-            raise names.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
-                                "`nspawn-runner chroot-list` shows the images there are")
+        path = existing(settings, name)
         users = [u.machine for u in in_use() if u.image == name]
         if users and not force:
             raise store.ImageBusy(
@@ -209,42 +220,125 @@ def remove(settings: Settings, name: str, in_use: InUse, force: bool = False) ->
                  "creates the image again unless you delete it")
 
 
-def export(settings: Settings, name: str, dest: Path) -> None:
-    """Image `name` as one zstd tarball with ownership, permissions, ACLs and xattrs."""
-    path = store.image_path(settings, name)
-    if not path.is_dir():
-        raise names.ImageError(f"image {name!r} does not exist in {settings.images_dir}; "
-                                "`nspawn-runner chroot-list` shows the images there are")
+def export(settings: Settings, name: str, dest: Path, sign: bool = False,
+           key: str = "") -> Path:
+    """Image `name` as a tarball systemd's importer reads (transport.FORMATS: DEST/NAME.tar.xz
+    if `dest` is a directory), with ownership, permissions, ACLs and xattrs, and its line in
+    the SHA256SUMS beside it (signed into SHA256SUMS.gpg with `sign`). Returns the tarball."""
+    path = existing(settings, name)
     dest = dest.absolute()
+    if dest.is_dir():
+        dest = dest / f"{name}{transport.DEFAULT_FORMAT}"
+    fmt = transport.format_of(dest.name)
+    if not dest.parent.is_dir():
+        raise SystemFailure(f"{dest.parent} is not a directory: create it, or export elsewhere")
     partial = dest.with_name(f".{dest.name}.partial")
     with store.lock(settings, name, f"chroot-export {name}"), Step(f"export to {dest}"):
         try:
-            # The compressor is a fixed string (tar runs it through the shell).
-            run_tool(["tar", "--create", f"--file={partial}", "--use-compress-program=zstd -T0",
-                      f"--directory={path}", *build.TAR_METADATA, "."])
+            build.archive(path, partial, fmt)
+            digest = transport.sha256_file(partial)
             os.replace(partial, dest)
         finally:
             partial.unlink(missing_ok=True)
+        sums = transport.update_sums(dest.parent, dest.name, digest)
+        if sign:
+            transport.sign(dest.parent, key)
+    log.info(f"image {name!r} exported to {dest} ({_size(dest.stat().st_size)}); {sums} lists "
+             f"it{' and ' + transport.SIGNATURE + ' signs that' if sign else ''}")
+    return dest
 
 
-def import_(settings: Settings, name: str, source: str, in_use: InUse) -> None:
-    """Image `name` from a tarball (path or URL): unpacked aside, checked to be complete and to
-    run, and only then swapped in."""
+def _import_locked(settings: Settings, name: str, source: str, expected: str | None,
+                   sums_source: str, spec: ImageSpec | None, in_use: InUse) -> None:
+    """Download (or read), check against `expected`, unpack aside, check, swap in: with the
+    image's lock held."""
+    with _aside(store.new_empty(settings, name)) as new:
+        with transport.fetched(source, settings.images_dir, name) as (archive, digest):
+            if expected is not None:
+                transport.check_digest(digest, expected, source, sums_source)
+            with Step(f"unpack {transport.public(source)}"):
+                build.extract(archive, new)
+        with Step("check that it is a complete image and runs"):
+            build.verify(None, name, new)
+            run_tool(build.nspawn_command(spec, name, new, ["/bin/true"]))
+        build.finalize(name, new, None)
+        # Never the credentials of a URL: every job can read this file.
+        store.write_meta(new, name=name, imported=time.time(),
+                         imported_from=transport.public(source), imported_sha256=digest)
+    _swap(settings, name, new, in_use)
+
+
+def import_(settings: Settings, name: str, source: str, in_use: InUse, verify: str = "auto",
+            keyring: Path = transport.DEFAULT_KEYRING) -> None:
+    """Image `name` from a tarball (path or URL), checked against the SHA256SUMS beside it
+    (and its signature, as `verify` says) before anything is unpacked; then unpacked aside,
+    checked to be complete and to run, and only then swapped in."""
     names.validate_name(name)
     start = time.monotonic()
+    sums_source = transport.beside(source, transport.SUMS)
+    sums = transport.checked_sums(sums_source, verify, keyring)
+    expected = transport.expected_digest(sums, source, sums_source) if sums is not None \
+        else None
     spec = image_file.load(settings, name)
     with store.lock(settings, name, f"chroot-import {name}"):
-        with _aside(store.new_empty(settings, name)) as new:
-            with (build.fetched(source, settings.images_dir, name) as archive,
-                  Step(f"unpack {source}")):
-                build.extract(archive, new)
-            with Step("check that it is a complete image and runs"):
-                build.verify(None, name, new)
-                run_tool(build.nspawn_command(spec, name, new, ["/bin/true"]))
-            build.finalize(name, new, None)
-            store.write_meta(new, name=name, imported=time.time(), imported_from=source)
-        _swap(settings, name, new, in_use)
+        _import_locked(settings, name, source, expected, sums_source, spec, in_use)
     log.info(f"image {name!r} imported in {time.monotonic() - start:.1f}s")
+
+
+def sync(settings: Settings, url: str, in_use: InUse, only: Sequence[str] = (),
+         verify: str = "auto", keyring: Path = transport.DEFAULT_KEYRING) -> list[Outcome]:
+    """Every image the SHA256SUMS at `url` lists (or the `only` ones): those whose tarball
+    changed since they were last synced are imported and swapped in atomically, the others
+    are left alone. One failing image does not stop the others."""
+    for name in only:
+        names.validate_name(name)
+    index = transport.index_of(url)
+    sums = transport.checked_sums(index, "checksum" if verify == "no" else verify, keyring)
+    assert sums is not None
+    listed = {image: filename for filename in sums
+              if (image := transport.image_of(filename)) is not None}
+    missing = [n for n in only if n not in listed]
+    if missing:
+        raise transport.TransportError(
+            f"{transport.public(index)} lists no image {', '.join(map(repr, missing))} (it lists: "
+            f"{', '.join(sorted(listed)) or 'none'})")
+    if not listed:
+        log.info(f"{transport.public(index)} lists no image tarballs: nothing to sync")
+    outcomes = []
+    for name in sorted(set(only) if only else listed):
+        outcome = Outcome(name)
+        start = time.monotonic()
+        filename = listed[name]
+        try:
+            outcome.action = _sync_one(settings, name, index, filename, sums[filename], in_use)
+        except Cancelled:
+            raise
+        except NspawnRunnerError as e:
+            outcome.error = str(e)
+        outcome.seconds = time.monotonic() - start
+        if outcome.error:
+            log.error(f"{name}: {outcome.error}")
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _sync_one(settings: Settings, name: str, index: str, filename: str, digest: str,
+              in_use: InUse) -> str:
+    path = store.image_path(settings, name)
+    if path.is_dir() and store.read_meta(path).get("imported_sha256") == digest:
+        return "up to date"
+    action = "updated" if path.is_dir() else "created"
+    spec = image_file.load(settings, name)
+    with store.lock(settings, name, f"chroot-sync {name}"):
+        _import_locked(settings, name, transport.beside(index, filename), digest, index, spec,
+                       in_use)
+    return action
+
+
+def outcomes_json(outcomes: Sequence[Outcome]) -> list[dict[str, object]]:
+    """What `chroot-maintenance --json` and `chroot-sync --json` print (what monitoring reads)."""
+    return [{"name": o.name, "ok": not o.error, "action": o.action or None,
+             "error": o.error or None, "seconds": round(o.seconds, 1)} for o in outcomes]
 
 
 def list_images(settings: Settings, in_use: InUse) -> list[dict[str, object]]:

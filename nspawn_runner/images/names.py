@@ -8,14 +8,14 @@ import os
 import re
 from pathlib import Path
 
+from nspawn_runner import schema
 from nspawn_runner.errors import SystemFailure
 from nspawn_runner.settings import Settings
 
 # Valid as a machine/host name label sequence: systemd refuses anything else as a machine name.
-_IMAGE_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]|\.(?!\.|$)){0,63}$")
+_IMAGE_NAME = schema.IMAGE_NAME
 _REF_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
-NAME_RULE = ("letters, digits, '-' and '.', starting with a letter or digit, at most 64 "
-             "characters, no '..'")
+NAME_RULE = schema.IMAGE_NAME_RULE
 
 
 class ImageError(SystemFailure):

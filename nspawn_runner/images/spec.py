@@ -163,14 +163,18 @@ def path_of(settings: Settings, name: str) -> Path:
     return settings.images_config_dir / f"{name}.toml"
 
 
-def names(settings: Settings) -> list[str]:
-    """The images that have a file, sorted."""
+def files(settings: Settings) -> list[Path]:
+    """Every `*.toml` in images_config_dir, sorted, valid names or not."""
     try:
-        entries = sorted(settings.images_config_dir.glob("*.toml"))
+        return sorted(p for p in settings.images_config_dir.glob("*.toml") if p.is_file())
     except OSError:
         return []
+
+
+def names(settings: Settings) -> list[str]:
+    """The images that have a file, sorted."""
     found = []
-    for entry in entries:
+    for entry in files(settings):
         try:
             image_names.validate_name(entry.stem)
         except image_names.ImageError:
@@ -207,18 +211,36 @@ def load(settings: Settings, name: str,
     else:
         return None
     data.update(overrides or {})
-    return parse(name, data, path if path.exists() else None, shown=path)
+    spec = parse(name, data, path if path.exists() else None, shown=path, settings=settings)
+    if spec.limit_overrides().get("private_users"):
+        _check_private_users(settings, path)
+    return spec
+
+
+def _check_private_users(settings: Settings, path: Path) -> None:
+    """What prepare would refuse for every job, refused when the file is read."""
+    from nspawn_runner.host import backends
+
+    if not settings.root.is_dir():
+        return  # nothing to tell the backend by; check and prepare say the root is missing
+    backend = backends.choose(settings.backend, settings.root)
+    if backend is not backends.Backend.BTRFS:
+        raise ImageFileError(
+            f"{path}: invalid value True for 'limits.private_users': private users need the "
+            f"btrfs backend, and jobs here get the {backend} backend ({settings.root}); put "
+            "the state root on btrfs or remove private_users from the file")
 
 
 def parse(name: str, data: Mapping[str, object], file: Path | None,
-          shown: Path | None = None) -> ImageSpec:
+          shown: Path | None = None, settings: Settings | None = None) -> ImageSpec:
     """Validate `data` (an image file's contents) into an ImageSpec. Errors name `shown` (the
-    file), the key and the value."""
+    file), the key and the value. `settings` (the defaults if None) is what [limits] binds
+    are checked against: the state root, builds_dir and cache_dir."""
     where = str(shown or file or f"image {name}")
     base = (file or shown or Path(".")).parent
     values = schema.parse_table(data, _PARSERS, where, ImageFileError, skip=("limits",))
     if "limits" in data:
-        values["limits"] = _parse_limits(where, data["limits"])
+        values["limits"] = _parse_limits(where, data["limits"], settings or Settings())
 
     def bad(key: str, why: str) -> ImageFileError:
         return ImageFileError(f"{where}: invalid value {data.get(key)!r} for {key!r}: {why}")
@@ -259,12 +281,20 @@ def parse(name: str, data: Mapping[str, object], file: Path | None,
         playbook=base / playbook if playbook else None, import_from=imported, **values)
 
 
-def _parse_limits(where: str, raw: object) -> tuple[tuple[str, Any], ...]:
+def _parse_limits(where: str, raw: object, settings: Settings) -> tuple[tuple[str, Any], ...]:
+    from nspawn_runner.host import limits
+
     if not isinstance(raw, dict):
         raise ImageFileError(f"{where}: invalid value {raw!r} for 'limits': expected a table, "
                              "[limits] with settings such as memory_max = \"4G\"")
     parsed = schema.parse_table(raw, _limit_rows(), where, ImageFileError, prefix="limits.",
                                 unknown="error")
+    for bind in parsed.get("binds", ()):
+        try:
+            limits.parse_bind(bind, settings.root, (settings.builds_dir, settings.cache_dir))
+        except limits.LimitError as e:
+            raise ImageFileError(f"{where}: invalid value {raw['binds']!r} for 'limits.binds': "
+                                 f"{e}") from None
     return tuple(parsed.items())
 
 
@@ -296,6 +326,7 @@ def overrides(settings: Settings, name: str, include: Sequence[str] = (),
               **values: str | None) -> dict[str, object]:
     """Command-line options as image file keys: the given `values`, and `include` added to the
     file's packages."""
+    image_names.validate_name(name)
     out: dict[str, object] = {k: v for k, v in values.items() if v is not None}
     if include:
         path = path_of(settings, name)

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from nspawn_runner import log, proc
+from nspawn_runner import layout, log, proc
 from nspawn_runner.errors import SystemFailure
 from nspawn_runner.host import fs
 from nspawn_runner.images import names
@@ -53,11 +53,23 @@ def image_id(path: Path) -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
+def ensure_images_dir(settings: Settings) -> None:
+    """Make <root>/images. The state root itself is made only where it is the default: a
+    root that does not exist elsewhere is a typo, not a place to fill with images."""
+    if not settings.root.is_dir() and settings.root != layout.DEFAULT_ROOT:
+        origin = settings.origins.get("root", "default")
+        raise SystemFailure(f"the state root {settings.root} (root, from {origin}) does not "
+                            f"exist: create it (mkdir -p {settings.root}) or fix root")
+    settings.images_dir.mkdir(parents=True, exist_ok=True)
+
+
 @contextmanager
 def lock(settings: Settings, name: str, what: str) -> Iterator[None]:
     """Only one create, login, maintenance, import or removal of image `name` at a time. Jobs
-    never take it: they only read the current version."""
-    settings.images_dir.mkdir(parents=True, exist_ok=True)
+    never take it: they only read the current version. `name` is checked first: an invalid
+    name never becomes a lock file."""
+    names.validate_name(name)
+    ensure_images_dir(settings)
     path = settings.images_dir / f"{LOCK_PREFIX}{name}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -96,7 +108,7 @@ def _tmp_name(name: str) -> str:
 def new_empty(settings: Settings, name: str) -> Path:
     """An empty directory for a new version of `name`, next to it (same file system, so it
     can be renamed into place): a subvolume on btrfs, so jobs get instant snapshots."""
-    settings.images_dir.mkdir(parents=True, exist_ok=True)
+    ensure_images_dir(settings)
     path = settings.images_dir / _tmp_name(name)
     if fs.on_btrfs(settings.images_dir):
         proc.run(["btrfs", "-q", "subvolume", "create", path])

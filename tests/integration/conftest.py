@@ -6,7 +6,9 @@ no machine, no unit, no overlay, no snapshot, no mount, no state file."""
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +21,8 @@ from typing import Any
 import pytest
 import tomlkit
 from gitlab_emulator import Job, JobResult, RunnerConfig, run_job
+
+from nspawn_runner.host import netplan
 
 FAKE_GITLAB_RUNNER = Path(__file__).resolve().parents[1] / "fixtures" / "fake-gitlab-runner"
 ROOTS = {
@@ -122,8 +126,35 @@ class Driver:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def network_leftovers() -> list[str]:
+    """What a job's network (host/network.py) may leave on the host: its zone's bridge and
+    veth, their addresses, networkd's file for the zone, its masquerading entries."""
+    found = [f"link: {p.name}" for p in Path("/sys/class/net").iterdir()
+             if p.name.startswith(("vz-nr", "vb-"))]
+    found += [f"networkd file: {p}" for p in Path("/run/systemd/network").glob("*nspawn-runner*")]
+    for family in ("ip", "ip6"):
+        out = sh("nft", "list", "set", family, "io.systemd.nat", "masq_saddr", check=False)
+        if "elements" in out:
+            found.append(f"masquerading ({family}): {' '.join(out.split('elements =')[1].split())}")
+    pools = (ipaddress.ip_network(netplan.DEFAULT_IPV4_POOL), netplan.ula_prefix())
+    for link in json.loads(sh("ip", "-j", "address")):
+        for addr in link.get("addr_info", []):
+            if any(ipaddress.ip_address(addr["local"]) in pool for pool in pools):
+                found.append(f"address: {addr['local']} on {link['ifname']}")
+    return found
+
+
+def settled_network_leftovers(timeout: float = 60) -> list[str]:
+    """`network_leftovers` once stopping machines are gone: a machine's unit removes its
+    network when it has stopped (executor/reap.py)."""
+    deadline = time.monotonic() + timeout
+    while (found := network_leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
+
+
 def leftovers(root: Path) -> list[str]:
-    found = []
+    found = network_leftovers()
     machines = [line for line in sh("machinectl", "list", "--no-legend").splitlines()
                 if line.startswith(("nr-", "nrp-"))]
     found += [f"machine: {m}" for m in machines]

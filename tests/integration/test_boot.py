@@ -1,4 +1,4 @@
-"""What the boot options do to a job (docs/performance-driver.md): the masked units are masked
+"""What the boot options do to a job (docs/performance.md): the masked units are masked
 and nothing else is missing, an enabled service of the image still runs before the first step,
 and --suppress-sync does what its setting says."""
 

@@ -132,9 +132,10 @@ def test_cleanup_is_idempotent_with_a_pool(pooled: PooledDriver, tmp_path: Path)
     test_jobs.test_cleanup_is_idempotent(pooled, tmp_path)
 
 
-def layout_results(machine: str) -> Path:
-    """The host side of the machine's /run/nspawn-runner (the step-status directory)."""
-    return Path("/run/nspawn-runner") / f"{machine}.d"
+def status_dir(st: dict[str, Any]) -> Path:
+    """The machine's /run/nspawn-runner (its step-status tmpfs), seen from the host."""
+    pid = str(st.get("leader", "")).partition(":")[0]
+    return Path(f"/proc/{pid or 0}/root/run/nspawn-runner")
 
 
 def run_watched(driver: Driver, job: Job) -> tuple[JobResult, dict[str, str]]:
@@ -149,7 +150,7 @@ def run_watched(driver: Driver, job: Job) -> tuple[JobResult, dict[str, str]]:
             for path in Path("/run/nspawn-runner").glob(f"nr-{job.job_id}-*.json"):
                 st = json.loads(path.read_text())
                 # Once the first step runs, prepare (boot or hand-out) is over.
-                if not (layout_results(st["machine"]) / "step-started").exists():
+                if not (status_dir(st) / "step-started").exists():
                     continue
                 seen["job_machine"], seen["machine"] = path.stem, st["machine"]
                 seen["props"] = sh("systemctl", "show", st["unit"], "-p",

@@ -28,11 +28,14 @@ def test_boot_command_overlay() -> None:
         "systemd-run", "--quiet", "--unit=nspawn-runner-nr-1-abcdef01.service", "--collect",
         "--description=d", "--property=Type=notify", "--property=Slice=machine.slice",
         "--property=Delegate=yes", "--property=KillMode=mixed",
-        "--property=TimeoutStartSec=60", "--property=TimeoutStopSec=20", "--",
+        "--property=TimeoutStartSec=60", "--property=TimeoutStopSec=20",
+        "--property=DevicePolicy=closed", "--property=DeviceAllow=/dev/net/tun rwm",
+        "--property=DeviceAllow=char-pts rw", "--",
         "systemd-nspawn", "--quiet", "--keep-unit", "--boot", "--notify-ready=yes",
         "--machine=nr-1-abcdef01", "--directory=/r/images/bookworm",
         "--overlay=/r/images/bookworm:/r/overlays/nr-1-abcdef01/upper:/",
         "--settings=no", "--link-journal=no", "--console=read-only",
+        "--tmpfs=/run/nspawn-runner:mode=0755,size=1m",
         "--bind=/r/cache/h/g/p:/cache/g/p",
         "--bind-ro=/usr/bin/gitlab-runner:/usr/local/bin/gitlab-runner",
     ]
@@ -72,8 +75,8 @@ def test_run_command() -> None:
         "--property=TimeoutStopSec=5", "--working-directory=/root",
         "--setenv=HOME=/root", "--setenv=USER=root", "--setenv=LOGNAME=root",
         "--setenv=SHELL=/bin/bash", "--",
-        "/bin/sh", "-c", '/bin/bash; echo $? > "$0"',
-        "/run/nspawn-runner/ci-build_script-7.service.status",
+        "/bin/sh", "-c", ': > "$0.started"; /bin/bash; echo $? > "$0.status"',
+        "/run/nspawn-runner/ci-build_script-7.service",
     ]
 
 

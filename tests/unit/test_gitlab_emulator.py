@@ -379,7 +379,7 @@ def test_every_generated_script_is_valid_bash(root: Path) -> None:
     result = run(root, empty, helper=True, pre_build_script="echo pre",
                  post_build_script="echo post")
     assert result.status == "failed", result.plain_log
-    assert "artifacts-uploader is not supported by the test stand-in" in result.plain_log
+    assert "artifacts-uploader is not supported by the nspawn-runner stand-in" in result.plain_log
     assert f"in {root}/builds/group/project-empty\n" in result.plain_log
     assert "pre\n" in result.plain_log and "post\n" in result.plain_log
     assert result.run_stages == ["prepare_script", "get_sources", "restore_cache",

@@ -22,7 +22,13 @@ class FakeHost(Host):
         self.root_user = True
         self.booted = True
         self.version = "systemd 252 (252.39-1~deb12u2)\n+PAM +AUDIT default-hierarchy=unified\n"
-        self.commands = set(host_check.COMMANDS)
+        self.commands = {*host_check.COMMANDS, "nft", "ip", "networkctl"}
+        self.networkd = True
+        self.ipv6 = True
+        self.networks = ["192.168.1.0/24"]
+        self.dns: tuple[str, str] | str = ("nameserver 192.0.2.53\n", "/etc/resolv.conf")
+        self.probe_error = ""
+        self.probes: list[tuple[str, tuple[str, int] | None]] = []
         self.machined_error = ""
         self.filesystems = {"/sys/fs/cgroup": "cgroup2fs", str(root): "ext2/ext3"}
         self.chosen = Backend.OVERLAY
@@ -67,6 +73,27 @@ class FakeHost(Host):
             raise SystemFailure("gitlab_runner = '/nonexistent' is not a file")
         return self.runner
 
+    def networkd_active(self) -> bool:
+        return self.networkd
+
+    def has_ipv6(self) -> bool:
+        return self.ipv6
+
+    def ipv4_networks(self) -> list[str]:
+        return self.networks
+
+    def resolvers(self, cfg: Settings) -> tuple[str, str]:
+        if isinstance(self.dns, str):
+            raise SystemFailure(self.dns)
+        return self.dns
+
+    def network_probe(self, cfg: Settings, image: str, path: Path, timeout: int,
+                      target: tuple[str, int] | None) -> str:
+        self.probes.append((image, target))
+        if self.probe_error:
+            raise SystemFailure(self.probe_error)
+        return "192.0.2.80" if target else ""
+
     def boot(self, cfg: Settings, image: str, path: Path, timeout: int) -> float:
         self.boots.append((image, path, timeout))
         if image in self.boot_errors:
@@ -107,12 +134,13 @@ def by_name(report: Report) -> dict[str, Check]:
 
 
 def test_healthy_host(host: FakeHost, root: Path) -> None:
-    report = check(host, root)
+    report = check(host, root, 'network_check_url = "https://gitlab.example.com"\n')
     assert not report.failed and not report.warnings
     rows = by_name(report)
     assert list(rows) == ["settings", "systemd (PID 1)", "systemd version", "commands",
                           "machined (D-Bus)", "cgroups", "state root", "free space", "images",
-                          "image bookworm", "image trixie", "gitlab-runner"]
+                          "image bookworm", "image trixie", "network", "networkd",
+                          "name resolution", "forwarding", "masquerading", "gitlab-runner"]
     assert all(c.status is Status.OK for c in report.checks)
     assert rows["systemd version"].detail == "systemd 252 (252.39-1~deb12u2)"
     assert rows["state root"].detail == f"{root} on ext2/ext3: overlay backend (auto)"
@@ -121,8 +149,49 @@ def test_healthy_host(host: FakeHost, root: Path) -> None:
     # Each image is booted with the boot_timeout setting.
     assert host.boots == [("bookworm", root / "images/bookworm", 120),
                           ("trixie", root / "images/trixie", 120)]
+    assert rows["network"].detail.startswith('network = "isolated": a zone per job, /28s of '
+                                             "10.223.0.0/16, IPv6 from fd")
+    assert rows["name resolution"].detail == "jobs use 192.0.2.53 (from /etc/resolv.conf)"
+    # The first image that booted, as an isolated job reaching the URL's host and port.
+    assert host.probes == [("bookworm", ("gitlab.example.com", 443))]
+    assert rows["masquerading"].detail == ("a job's machine reached gitlab.example.com "
+                                           "(192.0.2.80) on port 443")
     report.raise_for_failures()
     assert report.summary() == "all checks passed"
+
+
+def test_network_findings(host: FakeHost, root: Path) -> None:
+    rows = by_name(check(host, root))
+    assert rows["masquerading"].status is Status.SKIP  # no network_check_url
+    assert "network_check_url" in rows["masquerading"].fix
+    host.networkd = False
+    host.networks = ["10.223.4.0/24"]
+    host.dns = "the host's resolvers (127.0.0.53, in /etc/resolv.conf) are loopback"
+    host.probes.clear()
+    rows = by_name(check(host, root))
+    assert rows["networkd"].status is Status.FAIL
+    assert rows["networkd"].fix.startswith("systemctl enable --now systemd-networkd")
+    assert rows["network pool"].status is Status.FAIL
+    assert "overlaps the host's network 10.223.4.0/24" in rows["network pool"].detail
+    assert rows["name resolution"].status is Status.FAIL
+    assert "network_dns" in rows["name resolution"].fix
+    assert "masquerading" not in rows and not host.probes  # nothing to learn from a boot
+
+
+def test_network_probe_failure_and_other_modes(host: FakeHost, root: Path) -> None:
+    host.probe_error = "a job's machine could not resolve 'gitlab.example.com'"
+    rows = by_name(check(host, root, 'network_check_url = "gitlab.example.com:8443"\n'))
+    assert host.probes == [("bookworm", ("gitlab.example.com", 8443))]
+    assert rows["masquerading"].status is Status.FAIL
+    assert rows["masquerading"].detail == host.probe_error
+    rows = by_name(check(host, root, 'network = "host"\n'))
+    assert rows["network"].status is Status.WARN and "127.0.0.1" in rows["network"].detail
+    assert "networkd" not in rows
+    rows = by_name(check(host, root, 'network = "none"\n'))
+    assert rows["network"].status is Status.OK and "networkd" not in rows
+    host.probes.clear()
+    rows = by_name(check(host, root, boot=False))
+    assert rows["masquerading"].status is Status.SKIP and not host.probes
 
 
 def test_table_and_json(host: FakeHost, root: Path) -> None:
@@ -226,7 +295,8 @@ def test_no_images(host: FakeHost, tmp_path: Path) -> None:
     rows = by_name(check(host, root))
     assert rows["images"].status is Status.FAIL
     assert rows["images"].detail == f"no images in {root}/images"
-    assert "mmdebstrap" in rows["images"].fix and "docs/quickstart.md" in rows["images"].fix
+    assert "nspawn-runner chroot-create NAME" in rows["images"].fix
+    assert "docs/quickstart.md" in rows["images"].fix
 
 
 def test_btrfs_backend_forced_on_another_file_system(host: FakeHost, root: Path) -> None:
@@ -297,7 +367,8 @@ def test_not_root_warns_and_skips_boots(host: FakeHost, root: Path) -> None:
     host.root_user = False
     report = check(host, root)
     rows = by_name(report)
-    assert rows["root"].status is Status.WARN and "sudo nspawn-runner check" in rows["root"].fix
+    assert rows["root"].status is Status.WARN
+    assert "run `nspawn-runner check` as root" in rows["root"].fix
     assert rows["image bookworm"].status is Status.SKIP and host.boots == []
     assert not report.failed
 

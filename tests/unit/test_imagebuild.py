@@ -138,18 +138,3 @@ def test_prune_package_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     build.prune_package_cache(cache, tmp_path / "img")
     assert sorted(p.name for p in cache.iterdir()) == [
         "bash_5.2-2_amd64.deb", "libcap2_1%3a2.66-4_amd64.deb", "lock", "other_1.0_all.deb"]
-
-
-def test_fetched_local_and_bad_scheme(tmp_path: Path) -> None:
-    archive = tmp_path / "x.tar.zst"
-    archive.write_bytes(b"x")
-    with build.fetched(str(archive), tmp_path, "x") as path:
-        assert path == archive
-    with build.fetched(f"file://{archive}", tmp_path, "x") as path:
-        assert path == archive
-    with pytest.raises(ImageBuildError, match="does not exist"), \
-            build.fetched(str(tmp_path / "none"), tmp_path, "x"):
-        pass
-    with pytest.raises(ImageBuildError, match="only http, https and file"), \
-            build.fetched("ftp://h/x.tar", tmp_path, "x"):
-        pass

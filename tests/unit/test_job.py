@@ -43,16 +43,24 @@ def test_names_differ_across_runners_and_instances(tmp_path: Path) -> None:
     assert len(a.machine) <= 64
 
 
-def test_fallback_to_job_variables() -> None:
-    j = identity.load({"CUSTOM_ENV_CI_JOB_ID": "42", "CUSTOM_ENV_CI_PROJECT_PATH": "g/p",
-                  "CUSTOM_ENV_CI_JOB_IMAGE": "debian:sid"})
-    assert (j.job_id, j.project_path, j.image_ref) == ("42", "g/p", "debian:sid")
+def test_no_response_file_is_refused() -> None:
+    # Without the trusted payload, job variables would name the machine: refused.
+    with pytest.raises(SystemFailure, match="JOB_RESPONSE_FILE is not set"):
+        identity.load({"CUSTOM_ENV_CI_JOB_ID": "42", "CUSTOM_ENV_CI_PROJECT_PATH": "g/p"})
 
 
 @pytest.mark.parametrize("job_id", ["", "abc", "1;2", "../1", "1" * 21])
-def test_invalid_job_id(job_id: str) -> None:
+def test_invalid_job_id(tmp_path: Path, job_id: str) -> None:
+    env = response(tmp_path, id=job_id) | {"CUSTOM_ENV_CI_JOB_ID": "42"}
     with pytest.raises(SystemFailure, match="job id"):
-        identity.load({"CUSTOM_ENV_CI_JOB_ID": job_id})
+        identity.load(env)
+
+
+def test_job_dir_timeout_and_image(tmp_path: Path) -> None:
+    env = response(tmp_path, id=9, runner_info={"timeout": 3600}, variables=VARS)
+    env["CUSTOM_ENV_CI_JOB_IMAGE"] = "debian:sid"
+    j = identity.load(env)
+    assert (j.job_dir, j.timeout, j.image_ref) == (str(tmp_path), 3600, "debian:sid")
 
 
 def test_unreadable_response_file(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("executor",),
     ("local",),
     ("check",),
-    ("cli",),
+    ("cli", "manual"),
     ("main", "__main__"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
@@ -37,7 +37,7 @@ RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 RUN_HOT_PATH = {"nspawn_runner", "nspawn_runner.errors", "nspawn_runner.log",
                 "nspawn_runner.proc", "nspawn_runner.layout", "nspawn_runner.executor",
                 "nspawn_runner.executor.run", "nspawn_runner.executor.state",
-                "nspawn_runner.executor.identity"}
+                "nspawn_runner.executor.identity", "nspawn_runner.executor.status"}
 
 
 def module_name(path: Path) -> str:
@@ -140,13 +140,14 @@ _STAGE_BASE = {"nspawn_runner", "nspawn_runner.main", "nspawn_runner.errors", "n
                "nspawn_runner.proc", "nspawn_runner.layout"}
 _SETTINGS = {"nspawn_runner.settings", "nspawn_runner.schema", "nspawn_runner.table",
              "nspawn_runner.host", "nspawn_runner.host.limits", "nspawn_runner.host.backends",
-             "nspawn_runner.host.fs"}
+             "nspawn_runner.host.fs", "nspawn_runner.host.netplan"}
 STAGE_PATHS: dict[str, set[str]] = {
     "config": _STAGE_BASE | _SETTINGS | {"nspawn_runner.executor",
                                          "nspawn_runner.executor.config"},
     "prepare": _STAGE_BASE | _SETTINGS | {
         "nspawn_runner.executor", "nspawn_runner.executor.prepare",
         "nspawn_runner.executor.identity", "nspawn_runner.executor.state",
+        "nspawn_runner.executor.status", "nspawn_runner.host.network",
         "nspawn_runner.executor.reap", "nspawn_runner.executor.pool",
         "nspawn_runner.host.machine", "nspawn_runner.host.machined", "nspawn_runner.images",
         "nspawn_runner.images.names", "nspawn_runner.images.spec"},
@@ -160,10 +161,13 @@ STAGE_PATHS: dict[str, set[str]] = {
 # Never on a stage's path: the CLI framework, the TOML writer, D-Bus bindings.
 FORBIDDEN = ("typer", "click", "rich", "pydantic", "tomlkit", "gi", "pydbus")
 _STUB = """#!/bin/sh
-# Stand-in for systemd tools: succeed; as systemd-run --machine, leave the step's status 0.
+# Stand-in for systemd tools: succeed; as systemd-run --machine, leave the step's status 0
+# where the harness's stand-in machine root has it.
 for a; do case $a in --machine=*) m=${a#--machine=};; esac; last=$a; done
 if [ "$(basename "$0")" = systemd-run ] && [ -n "$m" ]; then
-    echo 0 > "$NSPAWN_RUNNER_RUNTIME_DIR/$m.d/$(basename "$last")"
+    r=$(dirname "$0")/../results  # the environment is the driver's own, not ours
+    : > "$r/$(basename "$last").started"
+    echo 0 > "$r/$(basename "$last").status"
 fi
 exit 0
 """
@@ -171,9 +175,15 @@ _HARNESS = textwrap.dedent("""
     import json, os, sys
     from nspawn_runner import main
     if sys.argv[1] == "prepare":
-        # This machine may not run systemd; the stand-ins below play it.
-        from nspawn_runner.executor import prepare
+        # This machine may not run systemd; the stand-ins below play it, and this process
+        # plays the machine's init.
+        from nspawn_runner.executor import prepare, state, status
         prepare._check_host = lambda: None
+        prepare.machine.describe = lambda m: (state.process_identity(os.getpid()), "")
+        status.device = lambda leader: 1
+    if sys.argv[1] == "run":
+        from nspawn_runner.executor import status
+        status.open_dir = lambda *a, **k: os.open(os.environ["RESULTS"], os.O_RDONLY)
     code = main.stage(sys.argv[1:])
     loaded = sorted(m for m in sys.modules
                     if m.startswith("nspawn_runner") or m.split(".")[0] in {forbidden})
@@ -194,13 +204,16 @@ def stage_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     (image / "sbin").mkdir(parents=True)
     (image / "sbin" / "init").symlink_to("/lib/systemd/systemd")
     (tmp / "config.toml").write_text(f'root = "{tmp / "root"}"\nbackend = "overlay"\n'
-                                     f'images_config_dir = "{tmp / "images.d"}"\n')
+                                     f'images_config_dir = "{tmp / "images.d"}"\n'
+                                     # The stand-ins play no network (test_network.py does).
+                                     'network = "none"\n')
     (tmp / "response.json").write_text(json.dumps({"id": 77, "variables": []}))
     (tmp / "script").write_text("true\n")
+    (tmp / "results").mkdir()
     return {"PATH": f"{bin_dir}:/usr/bin:/bin", "NSPAWN_RUNNER_CONFIG": str(tmp / "config.toml"),
             "NSPAWN_RUNNER_RUNTIME_DIR": str(tmp / "run"), "CUSTOM_ENV_CI_JOB_IMAGE": "bookworm",
             "JOB_RESPONSE_FILE": str(tmp / "response.json"), "SCRIPT": str(tmp / "script"),
-            "LOADED": str(tmp / "loaded.json")}
+            "LOADED": str(tmp / "loaded.json"), "RESULTS": str(tmp / "results")}
 
 
 # A config call whose settings have not changed since the last one reads its kept output.

@@ -20,16 +20,34 @@ def test_unit_properties_and_nspawn_args() -> None:
     assert lim.unit_properties() == [
         "--property=CPUWeight=50", "--property=CPUQuota=200%", "--property=MemoryHigh=6G",
         "--property=MemoryMax=8G", "--property=TasksMax=4096", "--property=RuntimeMaxSec=3600"]
-    assert lim.nspawn_args() == ["--private-network", "--bind-ro=/srv/data:/data",
-                                 "--setenv=A=b"]
-    assert Limits().unit_properties() == [] and Limits().nspawn_args() == []
-    assert Limits(network="veth").nspawn_args() == ["--network-veth"]
+    # The network's options come from host/network.py (tests/unit/test_network.py).
+    assert lim.nspawn_args() == ["--bind-ro=/srv/data:/data", DROP, "--setenv=A=b"]
+    assert Limits().unit_properties() == [] and Limits().nspawn_args() == [DROP]
+    # The job's own timeout bounds the machine; max_job_duration only when there is none.
+    assert lim.unit_properties(600)[-1] == "--property=RuntimeMaxSec=600"
+
+
+DROP = "--drop-capability=CAP_AUDIT_CONTROL,CAP_LINUX_IMMUTABLE"
+
+
+def test_devices_and_capabilities_given_back() -> None:
+    lim = Limits(devices=("/dev/fuse",), nspawn_options=("--capability=cap_linux_immutable",))
+    assert lim.unit_properties() == ["--property=DeviceAllow=/dev/fuse rwm"]
+    assert lim.nspawn_args() == ["--bind=/dev/fuse", "--drop-capability=CAP_AUDIT_CONTROL",
+                                 "--capability=cap_linux_immutable"]
+
+
+@pytest.mark.parametrize("device", ["/dev/sda", "/dev/mem", "/dev/loop0", "/dev/fuse/../sda",
+                                    "fuse"])
+def test_devices_outside_the_allow_list_are_refused(device: str) -> None:
+    with pytest.raises(LimitError, match="not allowed"):
+        limits.parse_device(device)
 
 
 def test_private_users_idmaps_binds() -> None:
     lim = Limits(private_users=True, binds=(Bind(Path("/a:b"), "/x", False),))
     assert lim.nspawn_args() == ["--private-users=pick", "--private-users-ownership=auto",
-                                 "--bind=/a\\:b:/x:idmap"]
+                                 "--bind=/a\\:b:/x:idmap", DROP]
 
 
 @pytest.mark.parametrize("spec", ["/:/host", "//:/h", "/var/lib/nspawn-runner:/x",

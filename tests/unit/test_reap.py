@@ -18,6 +18,7 @@ from nspawn_runner.settings import Settings
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path / "run")
     (tmp_path / "run").mkdir()
+    (tmp_path / "root").mkdir()  # a state root that is not the default must exist
     return Settings(root=tmp_path / "root")
 
 
@@ -41,9 +42,10 @@ def test_removes_layer_state_status_and_marker(cfg: Settings) -> None:
     own = record("nr-1-aaaaaaaa", machine="nr-1-aaaaaaaa", root=str(cfg.root),
                  overlay=str(overlay))
     other = record("nr-2-aaaaaaaa", machine="nr-2-aaaaaaaa", root=str(cfg.root))
-    status = layout.results_dir("nr-1-aaaaaaaa")
+    # The machine's own files in the runtime directory (its network's, say) go too.
+    status = layout.RUNTIME_DIR / "nr-1-aaaaaaaa.net"
     status.mkdir()
-    (status / "ci-x.status").write_text("0")
+    (status / "host0.network").write_text("x")
     removed = reap.reap("nr-1-aaaaaaaa")
     assert not own.exists() and not status.exists() and not overlay.exists()
     assert other.exists(), "another machine's state is not touched"

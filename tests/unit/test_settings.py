@@ -50,7 +50,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('boot_timeout = "10"', "'10'.*boot_timeout.*whole number"),
+        ('boot_timeout = "ten"', "'ten'.*boot_timeout.*whole number of seconds"),
         ("boot_timeout = 0", "boot_timeout.*greater than 0"),
         ("boot_timeout = true", "boot_timeout.*whole number"),
         ('root = "relative"', "root.*absolute"),
@@ -91,3 +91,19 @@ def test_docs_table_is_generated_from_the_settings_table() -> None:
     end = doc.index("<!-- END SETTINGS TABLE")
     assert doc[start:end] == settings.reference_markdown(), (
         "docs/configuration.md is out of date: run python3 tests/regen_docs.py")
+
+
+def test_the_installed_settings_file_is_generated_and_means_the_defaults(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "nspawn-runner.toml"
+    assert example.read_text() == settings.template(), (
+        "examples/nspawn-runner.toml is out of date: run python3 tests/regen_docs.py")
+    loaded = settings.load(example, environ={})
+    assert loaded == settings.Settings()
+    for row in settings.SETTINGS:
+        assert f"\n#{row.name} = " in example.read_text()
+    # Uncommenting any line gives a file the driver reads back as that same default.
+    for line in example.read_text().splitlines():
+        if line.startswith("#") and " = " in line and not line.startswith("# "):
+            path = tmp_path / "one.toml"
+            path.write_text(line[1:] + "\n")
+            assert settings.load(path, environ={}) == settings.Settings(), line

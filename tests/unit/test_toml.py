@@ -7,8 +7,9 @@ from nspawn_runner.settings import Settings
 
 
 def test_block_parses_back() -> None:
-    text = block.render(Settings(boot_timeout=100, stop_timeout=5), "bookworm", "r1",
-                             exe=["/usr/local/bin/nspawn-runner"])
+    wanted = block.Wanted.from_settings(Settings(boot_timeout=100, stop_timeout=5), "bookworm",
+                                        exe=["/usr/local/bin/nspawn-runner"])
+    text = block.render(wanted, "r1")
     doc = tomlkit.parse(text).unwrap()
     (runner,) = doc["runners"]
     assert runner["executor"] == "custom"
@@ -26,7 +27,8 @@ def test_block_parses_back() -> None:
 
 
 def test_python_m_invocation() -> None:
-    text = block.render(Settings(), exe=["/usr/bin/python3", "-m", "nspawn_runner"])
+    text = block.render(block.Wanted.from_settings(
+        Settings(), exe=["/usr/bin/python3", "-m", "nspawn_runner"]))
     custom = tomlkit.parse(text).unwrap()["runners"][0]["custom"]
     assert custom["run_exec"] == "/usr/bin/python3"
     assert custom["run_args"] == ["-m", "nspawn_runner", "run"]
@@ -43,8 +45,8 @@ def test_example_config_matches_the_generated_block() -> None:
 
     example = tomlkit.parse(
         (Path(__file__).resolve().parents[2] / "examples" / "config.toml").read_text()).unwrap()
-    generated = tomlkit.parse(block.render(
-        Settings(), "bookworm", exe=["/usr/local/bin/nspawn-runner"])).unwrap()
+    generated = tomlkit.parse(block.render(block.Wanted.from_settings(
+        Settings(), "bookworm", exe=["/usr/local/bin/nspawn-runner"]))).unwrap()
     (ex,), (gen,) = example["runners"], generated["runners"]
     assert ex["custom"] == gen["custom"]
     for key in ("executor", "builds_dir", "cache_dir"):
