@@ -261,6 +261,7 @@ def _hand_out(spec: machine.BootSpec, lim: Limits, saved: state.MachineState,
                             "from the host")
     state.write(mine, saved.machine)
     for host, inside in spec.binds:
+        # prepare made them (private to root), as for a machine it boots.
         host.mkdir(parents=True, exist_ok=True)
         proc.run(["machinectl", "bind", "--mkdir", name, host, inside], timeout=60)
     network.wait_usable(name, network.Attached(zone=record.zone, ipv6=record.ipv6), spec.image,
@@ -316,6 +317,7 @@ def _boot(cfg: Settings, spec: machine.BootSpec, lim: Limits, owner: str) -> str
                         # After READY=1: up, and may be handed out.
                         f"--property=ExecStartPost={touch} {ready}"))
         if pool_spec.overlay:
+            layout.private_dirs(spec.root, layout.overlays_dir(spec.root))
             (pool_spec.overlay / "upper").mkdir(parents=True)
         cmd = machine.boot_command(pool_spec)
         cmd.insert(1, "--no-block")  # systemd-run --no-block: queue the start, do not wait
