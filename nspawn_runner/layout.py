@@ -9,6 +9,7 @@ a reader sees the whole tree at once:
     <root>/builds/SERVER/GROUP/PROJECT/SLOT   persistent builds directories
     <root>/package-cache/SUITE-ARCH     packages shared by image builds
     /run/nspawn-runner/MACHINE.json     what prepare left for run and cleanup
+    /run/nspawn-runner.config/HASH      the config stage's kept output (executor/config.py)
 
 The state root and every directory the driver makes below it are 0700: caches and checkouts of
 one project are no business of local users (docs/security.md).
@@ -54,6 +55,12 @@ def builds_root(root: Path) -> Path:
 
 def package_cache(root: Path) -> Path:
     return root / "package-cache"
+
+
+def config_cache() -> Path:
+    """Where the config stage keeps its output (executor/config.py): beside the runtime
+    directory, which holds only what machines leave."""
+    return RUNTIME_DIR.with_name(RUNTIME_DIR.name + ".config")
 
 
 def state_file(machine: str) -> Path:

@@ -2,8 +2,8 @@
 driver). Exactly one JSON object on stdout and nothing else (protocol section 2).
 
 The output depends only on the settings file, the environment's NSPAWN_RUNNER_* variables, the
-driver's version and the host name. So it is kept in the runtime directory under a key made of
-those (the settings file by device, inode, size and change times), and a config call whose key
+driver's version and the host name. So it is kept in /run (layout.config_cache) under a key
+made of those (the settings file by device, inode, size and change times), and a call whose key
 matches prints it without importing and validating the settings: about 10 ms instead of 35 ms
 in the test bed. Any change of the file or the environment misses, and the full path then
 reports a bad settings file as before."""
@@ -54,7 +54,7 @@ def _key() -> tuple[str, str]:
         file = "absent"
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith("NSPAWN_RUNNER_"))
     key = repr((__version__, path, file, os.uname().nodename, env))
-    cache = layout.RUNTIME_DIR / f".config-{zlib.crc32(path.encode()):08x}"
+    cache = layout.config_cache() / f"{zlib.crc32(path.encode()):08x}"
     return os.fspath(cache), key
 
 
@@ -75,7 +75,7 @@ def remember(output: str) -> None:
     cache, key = _key()
     tmp = f"{cache}.{os.getpid()}"
     try:
-        layout.RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        layout.config_cache().mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(f"{key}\n{output}")
         os.replace(tmp, cache)

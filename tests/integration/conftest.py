@@ -169,8 +169,7 @@ def leftovers(root: Path) -> list[str]:
     found += [f"snapshot: {p}" for p in (root / "images").glob(".#*") if p.suffix != ".lck"]
     run_dir = Path("/run/nspawn-runner")
     if run_dir.exists():
-        # The config stage's kept output (executor/config.py) is no job's.
-        found += [f"state: {p}" for p in run_dir.iterdir() if not p.name.startswith(".config-")]
+        found += [f"state: {p}" for p in run_dir.iterdir()]
     mounts = Path("/proc/self/mountinfo").read_text().splitlines()
     found += [f"mount: {m}" for m in mounts if "/overlays/" in m or " /run/nspawn-runner" in m
               or "/propagate/nr-" in m or "/propagate/nrp-" in m]  # machinectl bind

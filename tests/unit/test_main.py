@@ -79,5 +79,6 @@ def test_an_unwritable_runtime_dir_only_costs_the_cache(
 
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path / "file" / "run")
+    assert layout.config_cache() == tmp_path / "file" / "run.config"
     config.remember("{}")
     assert config.cached() is None
