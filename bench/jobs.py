@@ -21,7 +21,6 @@ from variants import (
     IMAGE,
     NR,
     OURS,
-    ROOTS,
     SHELL,
     SHELL_DRIVER,
     Bench,
@@ -184,12 +183,13 @@ def pool_supported(bench: Bench) -> bool:
 
 
 def drain_pool(bench: Bench, backends: Sequence[str]) -> None:
-    """Stop the pool's machines: its settings with pool_size 0, then gc."""
+    """Stop the pool's idle machines (`nspawn-runner pool drain`) and let gc remove the rest;
+    pool_size = 0 alone would leave them up while their runner (the emulator) lives."""
     for backend in backends:
         path = bench.settings(backend, bench.pool_size)
-        path.write_text(f'root = "{ROOTS[backend]}"\npool_size = 0\n')
-        subprocess.run([NR, "gc"], env={**os.environ, "NSPAWN_RUNNER_CONFIG": os.fspath(path)},
-                       check=False)
+        env = {**os.environ, "NSPAWN_RUNNER_CONFIG": os.fspath(path)}
+        for command in (["pool", "drain"], ["gc"]):
+            subprocess.run([NR, *command], env=env, check=False)
 
 
 def imports(bench: Bench, rounds: int) -> dict[str, Any]:

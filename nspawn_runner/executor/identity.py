@@ -4,8 +4,8 @@ The job response file (JOB_RESPONSE_FILE, written by gitlab-runner, mode 0600) i
 trusted source, and the stages refuse to run without it: job variables (CUSTOM_ENV_*) can be set
 by the job's author, so nothing that names a machine, a unit, a host path or a limit is taken
 from them (pitfall 3). The job's image is the one exception: choosing it is the job's right.
-Imported on the `run` hot path: stdlib only, and only cheap imports (no re, urllib, hashlib or
-dataclasses)."""
+Imported on the `run` hot path: stdlib only, and only cheap imports (no re, urllib, hashlib,
+dataclasses or typing)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import json
 import os
 import zlib
 from collections.abc import Mapping
-from typing import NamedTuple
 
 from nspawn_runner import log
 from nspawn_runner.errors import SystemFailure
+from nspawn_runner.record import Record
 
 # Unit and machine names share this prefix; `gc` and the tests recognise ours by it.
 UNIT_PREFIX = "nspawn-runner-"
@@ -28,7 +28,7 @@ _SECRET_VARIABLES = ("CI_JOB_TOKEN", "CI_BUILD_TOKEN", "CI_REGISTRY_PASSWORD",
                      "CI_DEPENDENCY_PROXY_PASSWORD", "CI_JOB_JWT", "CI_JOB_JWT_V2")
 
 
-class Job(NamedTuple):
+class Job(Record):
     job_id: str
     server: str  # host[:port] of the GitLab instance
     runner_id: str

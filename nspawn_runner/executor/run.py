@@ -5,9 +5,7 @@ file, no D-Bus. What prepare decided is read from the state file."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
 
 from nspawn_runner import layout, log, proc
 from nspawn_runner.errors import (
@@ -70,14 +68,16 @@ def _exit_code_file(code: int | None) -> None:
     if not path:
         return
     if code is None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(path)
+        except FileNotFoundError:
+            return
     else:
         with open(path, "w") as f:
             f.write(str(code))
 
 
-def _stop(st: state.MachineState, unit: str, child: subprocess.Popen[bytes]) -> None:
+def _stop(st: state.MachineState, unit: str, child: proc.Child) -> None:
     """Stop a cancelled step: systemd-run got the same SIGTERM and leaves the unit running.
     If the machine's bus does not answer, kill the step's processes from the host."""
     try:
@@ -91,7 +91,7 @@ def _stop(st: state.MachineState, unit: str, child: subprocess.Popen[bytes]) -> 
                  f"{killed} of its processes from the host")
     try:
         child.wait(timeout=2)
-    except subprocess.TimeoutExpired:
+    except proc.Timeout:
         child.kill()
         child.wait()
 
@@ -126,68 +126,67 @@ def _kill_from_host(st: state.MachineState, unit: str) -> int:
     while time.monotonic() < deadline:
         pids = set()
         for group in _step_cgroups(st, unit):
-            with contextlib.suppress(OSError), open(f"{group}/cgroup.procs") as f:
-                pids |= {int(p) for p in f.read().split()}
+            try:
+                with open(f"{group}/cgroup.procs") as f:
+                    pids |= {int(p) for p in f.read().split()}
+            except OSError:
+                continue
         if not pids:
             break
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
+            except ProcessLookupError:
+                continue
         time.sleep(0.05)
     return killed
 
 
-def _wait(child: subprocess.Popen[bytes], st: state.MachineState, unit: str,
-          stage: str) -> int:
+def _wait(child: proc.Child, st: state.MachineState, unit: str, stage: str) -> int:
     """Wait for systemd-run; notice within step_start_timeout when the step never starts
     (systemd-run --machine hangs on a broken bus), and when systemd-run hangs on after the
     step ended."""
-    import select
     import time
 
-    pidfd = os.pidfd_open(child.pid)
-    try:
-        started = False
-        deadline = time.monotonic() + st.step_start_timeout
-        delay = 0.01
-        ended_at = 0.0
-        while True:
-            ready, _, _ = select.select([pidfd], [], [], delay)
-            if ready:
-                return child.wait()
-            fd = status.open_dir(st.leader, st.status_dev)
-            if fd is None:
-                continue  # the machine is gone: systemd-run notices too, and returns
-            try:
-                if not started:
-                    started = status.exists(fd, unit + ".started")
-                ended = status.exists(fd, unit + ".status")
-            finally:
-                os.close(fd)
-            now = time.monotonic()
-            if ended:
-                if ended_at and now - ended_at > 5:
-                    log.warn(f"systemd-run hung after stage {stage} ended; stopped it")
-                    child.kill()
-                    return child.wait()
-                ended_at = ended_at or now
-            if started:
-                delay = 5.0
-            elif now > deadline:
+    started = False
+    deadline = time.monotonic() + st.step_start_timeout
+    delay = 0.01
+    ended_at = 0.0
+    while True:
+        code = child.poll(delay)
+        if code is not None:
+            return code
+        fd = status.open_dir(st.leader, st.status_dev)
+        if fd is None:
+            continue  # the machine is gone: systemd-run notices too, and returns
+        try:
+            if not started:
+                started = status.exists(fd, unit + ".started")
+            ended = status.exists(fd, unit + ".status")
+        finally:
+            os.close(fd)
+        now = time.monotonic()
+        if ended:
+            if ended_at and now - ended_at > 5:
+                log.warn(f"systemd-run hung after stage {stage} ended; stopped it")
                 child.kill()
-                child.wait()
-                raise SystemFailure(
-                    f"stage {stage} did not start in machine {st.machine} within "
-                    f"{st.step_start_timeout}s: `systemd-run --machine={st.machine}` hangs, "
-                    "so the machine's systemd or D-Bus does not answer (a known systemd failure "
-                    "after packages change /usr/share/dbus-1/system.d); see journalctl -u "
-                    f"{st.unit}, and `machinectl shell {st.machine}`; raise "
-                    "step_start_timeout if the host is only overloaded")
-            else:
-                delay = min(delay * 2, 0.5)
-    finally:
-        os.close(pidfd)
+                return child.wait()
+            ended_at = ended_at or now
+        if started:
+            delay = 5.0
+        elif now > deadline:
+            child.kill()
+            child.wait()
+            raise SystemFailure(
+                f"stage {stage} did not start in machine {st.machine} within "
+                f"{st.step_start_timeout}s: `systemd-run --machine={st.machine}` hangs, "
+                "so the machine's systemd or D-Bus does not answer (a known systemd failure "
+                "after packages change /usr/share/dbus-1/system.d); see journalctl -u "
+                f"{st.unit}, and `machinectl shell {st.machine}`; raise "
+                "step_start_timeout if the host is only overloaded")
+        else:
+            delay = min(delay * 2, 0.5)
 
 
 def run(script: str, stage: str) -> None:
@@ -208,7 +207,7 @@ def run(script: str, stage: str) -> None:
     except OSError as e:
         raise SystemFailure(f"cannot read job script {script}: {e.strerror}") from None
     with f:
-        child = proc.spawn(command(st, unit), stdin=f)
+        child = proc.start(command(st, unit), stdin=f.fileno())
         try:
             returncode = _wait(child, st, unit, stage)
         except Cancelled:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
 
 from nspawn_runner import layout
 from nspawn_runner.errors import SystemFailure
+from nspawn_runner.record import TYPE_CHECKING, Record
 
 if TYPE_CHECKING:
     from nspawn_runner.images.store import Use
@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 SCHEMA = 2
 
 
-class MachineState(NamedTuple):
-    """A NamedTuple, not a dataclass: `run` reads it, and dataclasses cost 5 ms to import."""
+class MachineState(Record):
+    """A NamedTuple (record.py), not a dataclass: `run` reads it, and dataclasses cost 5 ms
+    to import."""
 
     machine: str
     unit: str

@@ -10,7 +10,6 @@ status (pitfall 16). Imported on the `run` hot path: os and stat only."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 
@@ -115,5 +114,7 @@ def parse_status(data: bytes | None) -> int | None:
 
 def remove(dir_fd: int, *names: str) -> None:
     for name in names:
-        with contextlib.suppress(OSError):
+        try:
             os.unlink(name, dir_fd=dir_fd)  # removes a link itself, never its target
+        except OSError:
+            continue
