@@ -14,23 +14,24 @@ a reader sees the whole tree at once:
 The state root and every directory the driver makes below it are 0700: caches and checkouts of
 one project are no business of local users (docs/security.md).
 
-Imported on the `run` hot path: stdlib only, nothing but os and pathlib."""
+The run stage's share, as plain strings, is in runtime.py (imported there without pathlib)
+and re-exported here: RUNTIME_DIR is the same directory as a Path."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-DEFAULT_CONFIG = Path("/etc/nspawn-runner/config.toml")
+from nspawn_runner import runtime
+from nspawn_runner.runtime import GITLAB_RUNNER_INSIDE as GITLAB_RUNNER_INSIDE
+from nspawn_runner.runtime import RESULTS_INSIDE as RESULTS_INSIDE
+from nspawn_runner.runtime import RESULTS_TMPFS as RESULTS_TMPFS
+from nspawn_runner.runtime import SHELLS as SHELLS
+
+DEFAULT_CONFIG = Path(runtime.DEFAULT_CONFIG)
 DEFAULT_ROOT = Path("/var/lib/nspawn-runner")
 DEFAULT_IMAGES_CONFIG_DIR = Path("/etc/nspawn-runner/images")
-RUNTIME_DIR = Path(os.environ.get("NSPAWN_RUNNER_RUNTIME_DIR", "/run/nspawn-runner"))
-
-# Inside every machine.
-RESULTS_INSIDE = "/run/nspawn-runner"  # a tmpfs of the machine's: each step's exit status
-RESULTS_TMPFS = "mode=0755,size=1m"  # its mount options: a job can fill 1 MiB of it at most
-GITLAB_RUNNER_INSIDE = "/usr/local/bin/gitlab-runner"
-SHELLS = {"bash": "/bin/bash", "sh": "/bin/sh"}  # the `shell` setting: the path inside
+RUNTIME_DIR = Path(runtime.RUNTIME_DIR)
 
 
 def images_dir(root: Path) -> Path:
@@ -58,13 +59,8 @@ def package_cache(root: Path) -> Path:
 
 
 def config_cache() -> Path:
-    """Where the config stage keeps its output (executor/config.py): beside the runtime
-    directory, which holds only what machines leave."""
-    return RUNTIME_DIR.with_name(RUNTIME_DIR.name + ".config")
-
-
-def state_file(machine: str) -> Path:
-    return RUNTIME_DIR / f"{machine}.json"
+    """Where the config stage keeps its output (executor/config.py, runtime.py)."""
+    return Path(runtime.config_cache())
 
 
 def private_dirs(root: Path, *paths: Path) -> None:

@@ -2,7 +2,7 @@
 driver). Exactly one JSON object on stdout and nothing else (protocol section 2).
 
 The output depends only on the settings file, the environment's NSPAWN_RUNNER_* variables, the
-driver's version and the host name. So it is kept in /run (layout.config_cache) under a key
+driver's version and the host name. So it is kept in /run (runtime.config_cache) under a key
 made of those (the settings file by device, inode, size and change times), and a call whose key
 matches prints it without importing and validating the settings: about 10 ms instead of 35 ms
 in the test bed. Any change of the file or the environment misses, and the full path then
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from nspawn_runner import __version__, layout
+from nspawn_runner import __version__, runtime
 
 # Not typing.TYPE_CHECKING: importing typing alone costs this stage 2 ms (mypy treats any
 # TYPE_CHECKING constant as true).
@@ -46,7 +46,7 @@ def _key() -> tuple[str, str]:
     import zlib
 
     # The same path as settings.config_path() (tests/unit/test_main.py keeps them equal).
-    path = os.environ.get("NSPAWN_RUNNER_CONFIG", os.fspath(layout.DEFAULT_CONFIG))
+    path = os.environ.get("NSPAWN_RUNNER_CONFIG", runtime.DEFAULT_CONFIG)
     try:
         st = os.stat(path)
         file = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
@@ -54,8 +54,7 @@ def _key() -> tuple[str, str]:
         file = "absent"
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith("NSPAWN_RUNNER_"))
     key = repr((__version__, path, file, os.uname().nodename, env))
-    cache = layout.config_cache() / f"{zlib.crc32(path.encode()):08x}"
-    return os.fspath(cache), key
+    return f"{runtime.config_cache()}/{zlib.crc32(path.encode()):08x}", key
 
 
 def cached() -> str | None:
@@ -75,7 +74,7 @@ def remember(output: str) -> None:
     cache, key = _key()
     tmp = f"{cache}.{os.getpid()}"
     try:
-        layout.config_cache().mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.makedirs(runtime.config_cache(), mode=0o700, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(f"{key}\n{output}")
         os.replace(tmp, cache)

@@ -130,7 +130,7 @@ def collect(cfg: Settings, grace: float, dry_run: bool = False) -> Report:
                 log.error(f"gc: {e}")
 
     for name, st in states.items():
-        if st is None or state.alive(st) or _age(state.path(name), now) < grace:
+        if st is None or state.alive(st) or _age(Path(state.path(name)), now) < grace:
             continue
         overlay = Path(st.overlay) if st.overlay else None
         # st.machine: a pool machine keeps its own name when it serves a job.
@@ -153,7 +153,7 @@ def collect(cfg: Settings, grace: float, dry_run: bool = False) -> Report:
     if not dry_run:
         # Leases, networkd files and bridges of machines that are gone (host/network.py).
         try:
-            for line in network.collect(live | {n for n in states if state.path(n).exists()},
+            for line in network.collect(live | {n for n in states if os.path.exists(state.path(n))},
                                         grace):
                 report.removed.append({"kind": "network", "item": line,
                                        "reason": "no machine uses it"})

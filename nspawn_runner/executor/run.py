@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from nspawn_runner import layout, log, proc
+from nspawn_runner import log, proc, runtime
 from nspawn_runner.errors import (
     BuildFailure,
     Cancelled,
@@ -36,7 +36,7 @@ def command(st: state.MachineState, unit: str) -> list[str]:
     the machine mid-step (the machine stopped, or its D-Bus daemon died) and exits non-zero
     when it could not start the step at all: only the file says what the script itself did.
     A second file says the step started, so that a hanging systemd-run is noticed."""
-    shell = layout.SHELLS[st.shell]
+    shell = runtime.SHELLS[st.shell]
     return [
         "systemd-run",
         "--quiet",
@@ -58,7 +58,7 @@ def command(st: state.MachineState, unit: str) -> list[str]:
         "/bin/sh",
         "-c",
         f': > "$0.started"; {shell}; echo $? > "$0.status"',
-        f"{layout.RESULTS_INSIDE}/{unit}",
+        f"{runtime.RESULTS_INSIDE}/{unit}",
     ]
 
 
@@ -198,7 +198,7 @@ def run(script: str, stage: str) -> None:
                             "`nspawn-runner prepare`")
     for name in st.secret_variables:
         log.add_secret(os.environ.get("CUSTOM_ENV_" + name, ""))
-    if st.shell not in layout.SHELLS:
+    if st.shell not in runtime.SHELLS:
         raise SystemFailure(f"unsupported shell {st.shell!r}; set shell to bash or sh")
     unit = step_unit(stage)
     cancel_on_signals()
@@ -218,7 +218,7 @@ def run(script: str, stage: str) -> None:
         raise SystemFailure(
             f"stage {stage} in machine {st.machine} ended without an exit status (systemd-run "
             f"exited {returncode}): the machine stopped or crashed, its D-Bus daemon died, or "
-            f"the job replaced {layout.RESULTS_INSIDE}; see journalctl -u {st.unit}")
+            f"the job replaced {runtime.RESULTS_INSIDE}; see journalctl -u {st.unit}")
     if code == 0:
         _exit_code_file(None)
         return

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
-from nspawn_runner import layout
+from nspawn_runner import runtime
 from nspawn_runner.errors import SystemFailure
 from nspawn_runner.record import TYPE_CHECKING, Record
 
@@ -52,8 +51,18 @@ class MachineState(Record):
     schema: int = SCHEMA
 
 
-def path(machine: str) -> Path:
-    return layout.state_file(machine)
+def path(machine: str) -> str:
+    return runtime.state_file(machine)
+
+
+def _json_files() -> list[str]:
+    """The state files' names (and pool records'), sorted; none when the directory is not
+    there."""
+    try:
+        return sorted(n for n in os.listdir(runtime.RUNTIME_DIR)
+                      if n.endswith(".json") and not n.startswith("."))
+    except OSError:
+        return []
 
 
 def write(state: MachineState, job_machine: str | None = None) -> None:
@@ -61,8 +70,8 @@ def write(state: MachineState, job_machine: str | None = None) -> None:
     machine, executor/pool.py): the file is always named for the job."""
     import tempfile  # not needed by run, which only reads
 
-    layout.RUNTIME_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=layout.RUNTIME_DIR, prefix=".tmp-", suffix=".json")
+    os.makedirs(runtime.RUNTIME_DIR, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=runtime.RUNTIME_DIR, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(state._asdict(), f)
     os.replace(tmp, path(job_machine or state.machine))
@@ -70,7 +79,8 @@ def write(state: MachineState, job_machine: str | None = None) -> None:
 
 def read(machine: str) -> MachineState | None:
     try:
-        data = json.loads(path(machine).read_text())
+        with open(path(machine), "rb") as f:
+            data = json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
@@ -90,11 +100,7 @@ def read(machine: str) -> MachineState | None:
 def all_states() -> list[MachineState]:
     """Every readable state file's contents (an unreadable one is skipped: gc reports it)."""
     found = []
-    try:
-        names = sorted(p.stem for p in layout.RUNTIME_DIR.glob("*.json"))
-    except OSError:
-        return []
-    for name in names:
+    for name in (n.removesuffix(".json") for n in _json_files()):
         try:
             st = read(name)
         except SystemFailure:
@@ -105,7 +111,10 @@ def all_states() -> list[MachineState]:
 
 
 def remove(machine: str) -> None:
-    path(machine).unlink(missing_ok=True)
+    try:
+        os.unlink(path(machine))
+    except FileNotFoundError:
+        return
 
 
 # Wrappers between gitlab-runner and the driver: the owner is the first ancestor that is none.
@@ -116,7 +125,8 @@ _WRAPPERS = {"sudo", "doas", "env", "sh", "bash", "dash", "timeout", "nsenter", 
 def _stat(pid: int) -> tuple[str, int, str] | None:
     """(comm, ppid, starttime) of a process, None if it is gone."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
     except OSError:
         return None
     comm = text[text.index("(") + 1:text.rindex(")")]
@@ -177,16 +187,13 @@ def image_uses() -> list[Use]:
     from nspawn_runner.images.store import Use  # not at the top: `run` never needs it
 
     found = []
-    try:
-        paths = sorted(layout.RUNTIME_DIR.glob("*.json"))
-    except OSError:
-        return []
-    for path in paths:
+    for name in _json_files():
         try:
-            data = json.loads(path.read_text())
+            with open(os.path.join(runtime.RUNTIME_DIR, name), "rb") as f:
+                data = json.load(f)
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and isinstance(data.get("image"), str):
-            found.append(Use(str(data.get("machine", path.stem)), data["image"],
-                             str(data.get("image_id") or "")))
+            found.append(Use(str(data.get("machine", name.removesuffix(".json"))),
+                             data["image"], str(data.get("image_id") or "")))
     return found

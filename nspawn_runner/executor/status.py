@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import stat
 
-from nspawn_runner import layout
+from nspawn_runner import runtime
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -30,7 +30,7 @@ def _start_time(pid: str) -> str:
 
 
 def open_dir(leader: str, status_dev: int = 0,
-             inside: str = layout.RESULTS_INSIDE) -> int | None:
+             inside: str = runtime.RESULTS_INSIDE) -> int | None:
     """A directory fd of RESULTS_INSIDE in the machine whose init is `leader`
     ("pid:starttime"), None when the machine is gone or the directory was tampered with
     (a link, or another file system than the tmpfs of `status_dev`)."""

@@ -38,6 +38,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("NSPAWN_RUNNER_CONFIG", str(config))
     monkeypatch.delenv("NSPAWN_RUNNER_ROOT", raising=False)
     monkeypatch.setattr("nspawn_runner.layout.RUNTIME_DIR", tmp_path / "run")
+    monkeypatch.setattr("nspawn_runner.runtime.RUNTIME_DIR", str(tmp_path / "run"))
     return tmp_path
 
 

@@ -189,6 +189,7 @@ def test_private_dirs(tmp_path: Path) -> None:
 
 def test_state_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path)
+    monkeypatch.setattr("nspawn_runner.runtime.RUNTIME_DIR", str(tmp_path))
     (tmp_path / "nr-1-abcdef01.json").write_text(json.dumps({"schema": 1, "machine": "x"}))
     with pytest.raises(SystemFailure, match="another nspawn-runner version"):
         state.read("nr-1-abcdef01")

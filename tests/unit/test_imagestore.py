@@ -20,6 +20,7 @@ from nspawn_runner.settings import Settings
 @pytest.fixture
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path / "run")
+    monkeypatch.setattr("nspawn_runner.runtime.RUNTIME_DIR", str(tmp_path / "run"))
     (tmp_path / "run").mkdir()
     (tmp_path / "root").mkdir()  # commands never make a state root other than the default
     return Settings(root=tmp_path / "root", images_config_dir=tmp_path / "images.d")

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "nspawn_runner"
 
 # The order, written once: a module may import modules of its own rank or lower.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("nspawn_runner", "log", "record"),
+    ("nspawn_runner", "log", "record", "runtime"),
     ("errors",),
     ("proc", "layout", "schema", "table"),
     ("progress",),
@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 # What the `run` stage, called for every step of every job, may load.
 RUN_HOT_PATH = {"nspawn_runner", "nspawn_runner.errors", "nspawn_runner.log",
-                "nspawn_runner.record", "nspawn_runner.proc", "nspawn_runner.layout",
+                "nspawn_runner.record", "nspawn_runner.proc", "nspawn_runner.runtime",
                 "nspawn_runner.executor", "nspawn_runner.executor.run",
                 "nspawn_runner.executor.state",
                 "nspawn_runner.executor.identity", "nspawn_runner.executor.status"}
@@ -138,14 +138,14 @@ def test_the_run_stage_loads_only_its_hot_path() -> None:
 # each stage for real against stand-in systemd commands and compare. A module added to a
 # stage's path must be added here, knowingly.
 _STAGE_BASE = {"nspawn_runner", "nspawn_runner.main", "nspawn_runner.errors", "nspawn_runner.log",
-               "nspawn_runner.record", "nspawn_runner.proc", "nspawn_runner.layout"}
+               "nspawn_runner.record", "nspawn_runner.proc", "nspawn_runner.runtime"}
 _SETTINGS = {"nspawn_runner.settings", "nspawn_runner.schema", "nspawn_runner.table",
              "nspawn_runner.host", "nspawn_runner.host.limits", "nspawn_runner.host.backends",
              "nspawn_runner.host.fs", "nspawn_runner.host.netplan"}
 STAGE_PATHS: dict[str, set[str]] = {
-    "config": _STAGE_BASE | _SETTINGS | {"nspawn_runner.executor",
+    "config": _STAGE_BASE | _SETTINGS | {"nspawn_runner.layout", "nspawn_runner.executor",
                                          "nspawn_runner.executor.config"},
-    "prepare": _STAGE_BASE | _SETTINGS | {
+    "prepare": _STAGE_BASE | _SETTINGS | {"nspawn_runner.layout",
         "nspawn_runner.executor", "nspawn_runner.executor.prepare",
         "nspawn_runner.executor.identity", "nspawn_runner.executor.state",
         "nspawn_runner.executor.status", "nspawn_runner.host.network",
@@ -153,7 +153,7 @@ STAGE_PATHS: dict[str, set[str]] = {
         "nspawn_runner.host.machine", "nspawn_runner.host.machined", "nspawn_runner.images",
         "nspawn_runner.images.names", "nspawn_runner.images.spec"},
     "run": _STAGE_BASE | RUN_HOT_PATH,
-    "cleanup": _STAGE_BASE | _SETTINGS | {
+    "cleanup": _STAGE_BASE | _SETTINGS | {"nspawn_runner.layout",
         "nspawn_runner.executor", "nspawn_runner.executor.cleanup",
         "nspawn_runner.executor.identity", "nspawn_runner.executor.state",
         "nspawn_runner.executor.reap", "nspawn_runner.host.machine",
@@ -161,10 +161,11 @@ STAGE_PATHS: dict[str, set[str]] = {
 }
 # Never on a stage's path: the CLI framework, the TOML writer, D-Bus bindings.
 FORBIDDEN = ("typer", "click", "rich", "pydantic", "tomlkit", "gi", "pydbus")
-# Standard-library modules `run` does without (measured, docs/performance.md): typing 4 ms,
+# Standard-library modules `run` (and config's kept output) does without (measured,
+# docs/performance.md): pathlib 3-5 ms, typing 4 ms,
 # subprocess with threading and selectors 4 ms, dataclasses 5 ms, hashlib 2 ms.
-RUN_FORBIDDEN = ("typing", "subprocess", "threading", "selectors", "contextlib", "dataclasses",
-                 "hashlib", "tempfile", "shlex")
+RUN_FORBIDDEN = ("pathlib", "typing", "subprocess", "threading", "selectors", "contextlib",
+                 "dataclasses", "hashlib", "tempfile", "shlex")
 _STUB = """#!/bin/sh
 # Stand-in for systemd tools: succeed; as systemd-run --machine, leave the step's status 0
 # where the harness's stand-in machine root has it.
@@ -192,7 +193,8 @@ _HARNESS = textwrap.dedent("""
     code = main.stage(sys.argv[1:])
     loaded = sorted(m for m in sys.modules
                     if m.startswith("nspawn_runner") or m.split(".")[0] in {forbidden}
-                    or (sys.argv[1] == "run" and m.split(".")[0] in {run_forbidden}))
+                    or (sys.argv[1] == "run" and m.split(".")[0] in {run_forbidden})
+                    or (os.environ.get("CACHED") and m.split(".")[0] in {run_forbidden}))
     with open(os.environ["LOADED"], "w") as f:
         json.dump({{"code": code, "modules": loaded}}, f)
 """)
@@ -234,8 +236,10 @@ def test_each_stage_loads_only_its_path(stage: str, stage_env: dict[str, str]) -
     else:
         args = [stage, stage_env["SCRIPT"], "build_script"] if stage == "run" else [stage]
     code = _HARNESS.format(forbidden=set(FORBIDDEN), run_forbidden=set(RUN_FORBIDDEN))
-    subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, **stage_env},
-                   check=True, stdout=subprocess.DEVNULL)
+    cached = {"CACHED": "1"} if stage == "config (cached)" else {}
+    subprocess.run([sys.executable, "-c", code, *args],
+                   env={**os.environ, **stage_env, **cached}, check=True,
+                   stdout=subprocess.DEVNULL)
     result = json.loads(Path(stage_env["LOADED"]).read_text())
     assert result["code"] == 0, f"{stage} did not run through, so its imports are not all seen"
     loaded = set(result["modules"])

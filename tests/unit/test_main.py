@@ -54,6 +54,7 @@ def test_config_output_is_kept_until_the_settings_change(
     from nspawn_runner.executor import config
 
     monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path / "run")
+    monkeypatch.setattr("nspawn_runner.runtime.RUNTIME_DIR", str(tmp_path / "run"))
     path = tmp_path / "config.toml"
     monkeypatch.setenv("NSPAWN_RUNNER_CONFIG", str(path))
     assert config._key()[1] and str(settings.config_path()) == str(path)
@@ -79,6 +80,7 @@ def test_an_unwritable_runtime_dir_only_costs_the_cache(
 
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path / "file" / "run")
+    monkeypatch.setattr("nspawn_runner.runtime.RUNTIME_DIR", str(tmp_path / "file" / "run"))
     assert layout.config_cache() == tmp_path / "file" / "run.config"
     config.remember("{}")
     assert config.cached() is None

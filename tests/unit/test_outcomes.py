@@ -46,6 +46,7 @@ def test_run_without_prepare_is_a_system_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path)
+    monkeypatch.setattr("nspawn_runner.runtime.RUNTIME_DIR", str(tmp_path))
     (tmp_path / "r.json").write_text(json.dumps({"id": 5}))
     monkeypatch.setenv("JOB_RESPONSE_FILE", str(tmp_path / "r.json"))
     script = tmp_path / "script"

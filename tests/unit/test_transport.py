@@ -254,6 +254,7 @@ def test_a_truncated_tarball_is_refused(tmp_path: Path) -> None:
 @pytest.fixture
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setattr("nspawn_runner.layout.RUNTIME_DIR", tmp_path / "run")
+    monkeypatch.setattr("nspawn_runner.runtime.RUNTIME_DIR", str(tmp_path / "run"))
     (tmp_path / "root" / "images").mkdir(parents=True)
     return Settings(root=tmp_path / "root", images_config_dir=tmp_path / "images.d")
 

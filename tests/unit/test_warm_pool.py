@@ -73,6 +73,7 @@ def test_an_image_file_overrides_the_pool_size(tmp_path: Path) -> None:
 def test_records_skip_what_they_cannot_read(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(layout, "RUNTIME_DIR", tmp_path)
+    monkeypatch.setattr("nspawn_runner.runtime.RUNTIME_DIR", str(tmp_path))
     good = pool.PoolMachine(machine="nrp-0123abcd", unit="u", image="bookworm",
                             image_path="/r/images/bookworm", image_id="1:2", backend="btrfs",
                             root="/r", overlay=None, key="k", owner="1:1", booted=2.0)
