@@ -208,22 +208,9 @@ def take(cfg: Settings, spec: machine.BootSpec, lim: Limits, saved: state.Machin
 
 
 def _discard(name: str, unit: str) -> None:
-    """Stop a pool machine no job has used, without waiting. Not by systemctl stop alone: nspawn
-    asks the guest to power off with one SIGRTMIN+3, which a guest still in its first moments
-    of boot has no handler for yet and never sees (measured: the stop then waits for
-    TimeoutStopSec and kills nspawn, which leaves its btrfs snapshot behind). Killing the
-    guest's init ends the machine at once, nspawn then cleans up and exits, and the unit stops
-    with its ExecStopPost=; there is nothing in an unused machine to shut down cleanly."""
-    for _ in range(20):
-        killed = proc.run(["machinectl", "kill", "--kill-who=leader", "--signal=SIGKILL", name],
-                          check=False, timeout=30)
-        if killed.returncode == 0:
-            return
-        active = proc.run(["systemctl", "is-active", unit], capture=True, check=False,
-                          timeout=30).stdout.strip()
-        if active != "activating":
-            break  # gone already, or stopping
-        time.sleep(0.1)  # nspawn has not registered the machine yet
+    """Stop a pool machine no job has used, without waiting: its guest killed at once
+    (host/machine.py: kill_guest says why not a stop alone), the unit stopped."""
+    machine.kill_guest(name, unit)
     machine.request_stop(unit)
 
 

@@ -209,7 +209,9 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
             saved = saved._replace(user=lim.user, home=home)
         state.write(saved)
     except BaseException:
-        machine.teardown(this.machine, this.unit, spec.overlay, cfg.stop_timeout)
+        # No step has run: nothing in the machine needs a clean shutdown, and a guest still
+        # booting would not see nspawn's poweroff request (machine.kill_guest).
+        machine.teardown(this.machine, this.unit, spec.overlay, cfg.stop_timeout, discard=True)
         network.release(this.machine)
         state.remove(this.machine)
         raise

@@ -115,7 +115,7 @@ def boot(spec: BootSpec) -> None:
         tail = _journal_tail(spec.unit)
         if tail:
             log.info(f"last messages of {spec.unit}:\n{tail}")
-        teardown(spec.machine, spec.unit, spec.overlay, spec.stop_timeout)
+        teardown(spec.machine, spec.unit, spec.overlay, spec.stop_timeout, discard=True)
         timed_out = "result 'timeout'" in tail or "timeout" in e.stderr.lower()
         if timed_out or e.returncode == 124:
             raise SystemFailure(
@@ -125,7 +125,8 @@ def boot(spec: BootSpec) -> None:
         raise SystemFailure(f"machine {spec.machine} failed to boot from image {spec.image!r}: "
                             f"{_reason(tail, spec.unit) or e}") from None
     except BaseException:
-        teardown(spec.machine, spec.unit, spec.overlay, spec.stop_timeout)
+        # Cancelled while booting: a guest in its first moments would not see a poweroff.
+        teardown(spec.machine, spec.unit, spec.overlay, spec.stop_timeout, discard=True)
         raise
     log.debug(f"machine {spec.machine} ready in {time.monotonic() - start:.2f}s")
 
@@ -158,9 +159,33 @@ def ensure_user(machine: str, user: str, dirs: list[str]) -> str:
     return home
 
 
-def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int) -> None:
+def kill_guest(machine: str, unit: str) -> None:
+    """End a machine that nothing in it needs to shut down for (its boot failed or was
+    cancelled, or no job ever used it) at once: SIGKILL to the guest's init. nspawn then cleans
+    up and exits, and the unit stops with its ExecStopPost=. Not a stop alone: nspawn asks the
+    guest to power off with one SIGRTMIN+3, which a guest still in its first moments of boot
+    has no handler for yet and never sees (measured: the stop then waits for TimeoutStopSec and
+    kills nspawn, which leaves its btrfs snapshot behind). Waits up to 2 s for nspawn to
+    register a machine whose unit is still starting."""
+    for _ in range(20):
+        killed = proc.run(["machinectl", "kill", "--kill-who=leader", "--signal=SIGKILL", machine],
+                          check=False, timeout=30)
+        if killed.returncode == 0:
+            return
+        active = proc.run(["systemctl", "is-active", unit], capture=True, check=False,
+                          timeout=30).stdout.strip()
+        if active != "activating":
+            return  # gone already, or stopping
+        time.sleep(0.1)  # nspawn has not registered the machine yet
+
+
+def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int,
+             discard: bool = False) -> None:
     """Stop the machine and remove its writable layer. Safe to call for a machine that does not
-    exist or is half made, and twice in a row."""
+    exist or is half made, and twice in a row. `discard`: the machine is thrown away before any
+    job step ran (a failed or cancelled prepare): its guest is killed first (`kill_guest`)."""
+    if discard:
+        kill_guest(machine, unit)
     # `systemctl stop` waits for the stop job: nspawn has powered the guest off, unmounted the
     # overlay and removed an ephemeral snapshot when it returns.
     result = proc.run(["systemctl", "stop", unit], check=False,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -251,6 +253,35 @@ def test_boot_timeout(driver: Driver) -> None:
     assert "did not boot within 3s (boot_timeout)" in result.log
     # Three attempts, each: boot timeout, then the guest powers off (stop_timeout is 30 s).
     assert time.monotonic() - start < 3 * 15
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.2, 0.3, 0.4, 0.5, 0.7])
+def test_a_prepare_cancelled_while_booting_ends_at_once(driver: Driver, tmp_path: Path,
+                                                         delay: float) -> None:
+    """gitlab-runner's SIGTERM at some moment of the boot: prepare ends as a system failure
+    without waiting for stop_timeout (a guest in its first moments of boot never sees nspawn's
+    poweroff request), and leaves nothing (the fixture checks)."""
+    driver.write_settings(stop_timeout=60)
+    response = tmp_path / "response.json"
+    response.write_text(f'{{"id": {driver.job([]).job_id}, "variables": []}}')
+    env = {"JOB_RESPONSE_FILE": str(response), "NSPAWN_RUNNER_CONFIG": str(driver.settings),
+           "CUSTOM_ENV_CI_JOB_IMAGE": "bookworm", "PATH": "/opt/nspawn-runner/bin:/usr/bin:/bin"}
+    prepare = subprocess.Popen(["nspawn-runner", "prepare"], env=env, start_new_session=True,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    start = time.monotonic()
+    os.killpg(prepare.pid, signal.SIGTERM)  # as gitlab-runner does: the whole process group
+    _, err = prepare.communicate(timeout=90)
+    took = time.monotonic() - start
+    print(f"prepare exited {prepare.returncode} {took:.1f}s after SIGTERM:\n{err}")
+    # 0: the boot was done before the signal came; -SIGTERM: it came before prepare had even
+    # set up its handler (nothing started yet).
+    assert prepare.returncode in (0, 2, -signal.SIGTERM), err
+    if prepare.returncode == 0:
+        assert subprocess.run(["nspawn-runner", "cleanup"], env=env).returncode == 0
+    elif prepare.returncode == 2:
+        assert "job cancelled or timed out" in err
+    assert took < 30, f"prepare took {took:.1f}s to end after SIGTERM (stop_timeout 60 s): {err}"
 
 
 def test_cleanup_is_idempotent(driver: Driver, tmp_path: Path) -> None:
