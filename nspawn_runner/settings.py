@@ -236,7 +236,8 @@ SETTINGS: tuple[Row, ...] = (
         "The default list is in docs/performance.md; [] masks none."),
     Row("pool_size", _limit(schema.integer, _pool_size),
         "Machines kept booted ahead per image (the warm pool), so prepare hands one out "
-        "instead of booting; an image file's pool_size overrides it. 0: no pool."),
+        "instead of booting; an image file's pool_size overrides it. 0: no pool. Each "
+        "settings file has its own pool: a runner with 0 leaves another runner's pool alone."),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings) if f.name != "origins"}
 # Tables people put in the settings file that belong elsewhere.

@@ -43,7 +43,7 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
-from nspawn_runner import layout, log, proc
+from nspawn_runner import layout, log, proc, settings
 from nspawn_runner.errors import SystemFailure
 from nspawn_runner.executor import identity, reap, state, status
 from nspawn_runner.host import backends, machine, netplan, network
@@ -71,6 +71,10 @@ class PoolMachine(NamedTuple):
     booted: float  # time.time() of its start
     zone: str = ""  # its network zone (host/network.py), "" with network = host or none
     ipv6: bool = False
+    # The settings file whose pool_size it was booted for: only jobs of that file refill the
+    # pool or shrink it, so that a runner with pool_size 0 whose machines would be booted the
+    # same way (same key) does not stop another runner's pool.
+    settings: str = ""
     kind: str = "pool"
     schema: int = SCHEMA
 
@@ -289,7 +293,7 @@ def _boot(cfg: Settings, spec: machine.BootSpec, lim: Limits, owner: str) -> str
         image_id=_image_id(spec.image_path), backend=spec.backend.value, root=str(spec.root),
         overlay=str(layout.overlay_dir(spec.root, name))
         if spec.backend is backends.Backend.OVERLAY else None,
-        key=key(spec), owner=owner, booted=time.time())
+        key=key(spec), owner=owner, booted=time.time(), settings=_settings_file())
     _write(record)  # before the boot: gc knows whose it is even if we are killed now
     try:
         net = network.attach(name, cfg.network_options(lim.network))
@@ -316,6 +320,10 @@ def _boot(cfg: Settings, spec: machine.BootSpec, lim: Limits, owner: str) -> str
     return name
 
 
+def _settings_file() -> str:
+    return str(settings.config_path())
+
+
 def refill(cfg: Settings, spec: machine.BootSpec, lim: Limits, wanted: int,
            owner: str) -> list[str]:
     """Boot what the pool of `spec`'s kind lacks, in the background; stop what it has too
@@ -324,7 +332,8 @@ def refill(cfg: Settings, spec: machine.BootSpec, lim: Limits, wanted: int,
     booted = []
     try:
         with _locked():
-            same = [r for r in records() if r.key == key(spec)
+            mine = _settings_file()
+            same = [r for r in records() if r.key == key(spec) and r.settings == mine
                     and r.image_id == _image_id(spec.image_path)]
             for extra in same[wanted:]:
                 if _ready(extra.machine).exists():

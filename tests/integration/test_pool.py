@@ -306,6 +306,22 @@ def test_a_booting_pool_machine_is_stopped_at_once(pooled: PooledDriver) -> None
         assert not pool(pooled)
 
 
+def test_a_runner_without_pool_leaves_another_runners_pool_alone(pooled: PooledDriver,
+                                                                tmp_path: Path) -> None:
+    """Two settings files whose machines boot the same way: jobs of the one with pool_size 0
+    neither take nor stop the other's pool machines (its pool_size is its own)."""
+    (idle,) = wait_ready(pooled)
+    other = Driver(pooled.backend, pooled.root, tmp_path / "other.toml")
+    other.write_settings()
+    for _ in range(2):
+        result = other.run(other.job(["true"]))
+        assert result.status == "success", result.log
+        assert not served_from_pool(result)
+    assert wait_ready(pooled) == [idle]
+    result = pooled.run(pooled.job(["true"]))
+    assert served_from_pool(result) and idle in result.log
+
+
 def test_lowering_pool_size_to_0_stops_the_pool_with_the_next_job(pooled: PooledDriver) -> None:
     (idle,) = wait_ready(pooled)
     pooled.base_settings["pool_size"] = 0
