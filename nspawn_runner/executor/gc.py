@@ -20,11 +20,16 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from nspawn_runner import layout, log, proc
+from nspawn_runner import layout, log
 from nspawn_runner.errors import NspawnRunnerError
 from nspawn_runner.executor import identity, pool, state
 from nspawn_runner.host import fs, machine, machined, network
 from nspawn_runner.settings import Settings
+
+
+def _job_units() -> dict[str, float]:
+    """Our job machines' units and since when each is in its state."""
+    return machine.units_since(f"{identity.UNIT_PREFIX}{identity.MACHINE_PREFIX}*")
 
 
 @dataclass
@@ -54,25 +59,7 @@ class Report:
         return [f"{verb} {i['kind']} {i['item']}: {i['reason']}" for i in self.removed]
 
 
-def _units() -> dict[str, float]:
-    """Our machine units and when each became active (seconds since the epoch)."""
-    listed = proc.run(["systemctl", "list-units", "--all", "--plain", "--no-legend", "--full",
-                       f"{identity.UNIT_PREFIX}{identity.MACHINE_PREFIX}*"],
-                      capture=True, check=False)
-    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
-    if not names:
-        return {}
-    shown = proc.run(["systemctl", "show", "--timestamp=unix",
-                      "--property=Id,StateChangeTimestamp", *names], capture=True, check=False)
-    out: dict[str, float] = {}
-    unit = ""
-    for line in shown.stdout.splitlines():
-        key, _, value = line.partition("=")
-        if key == "Id":
-            unit = value
-        elif key == "StateChangeTimestamp" and unit:
-            out[unit] = float(value.lstrip("@") or 0)
-    return out
+
 
 
 def _age(path: Path, now: float) -> float:
@@ -117,7 +104,7 @@ def collect(cfg: Settings, grace: float, dry_run: bool = False) -> Report:
     """Remove abandoned resources; the report says what went and what could not."""
     now = time.time()
     report = Report(dry_run=dry_run)
-    units = _units()
+    units = _job_units()
     states: dict[str, state.MachineState | None] = {}
     if layout.RUNTIME_DIR.is_dir():
         for path in sorted(layout.RUNTIME_DIR.glob(f"{identity.MACHINE_PREFIX}*.json")):
@@ -148,7 +135,7 @@ def collect(cfg: Settings, grace: float, dry_run: bool = False) -> Report:
 
     # Pool machines: their own rules (executor/pool.py), their layers too.
     pool.collect(cfg, grace, report.do)
-    live = {u.removeprefix(identity.UNIT_PREFIX).removesuffix(".service") for u in _units()}
+    live = {u.removeprefix(identity.UNIT_PREFIX).removesuffix(".service") for u in _job_units()}
     live |= pool.known()
     if not dry_run:
         # Leases, networkd files and bridges of machines that are gone (host/network.py).

@@ -230,15 +230,7 @@ def release(job_machine: str, stop_timeout: int) -> None:
                          stop_timeout)
 
 
-def _has_mark(st: state.MachineState, name: str) -> bool:
-    """Whether a file `name` is in the machine's RESULTS_INSIDE (executor/status.py)."""
-    fd = status.open_dir(st.leader, st.status_dev)
-    if fd is None:
-        return False
-    try:
-        return status.exists(fd, name)
-    finally:
-        os.close(fd)
+
 
 
 def _hand_out(spec: machine.BootSpec, lim: Limits, saved: state.MachineState,
@@ -256,7 +248,8 @@ def _hand_out(spec: machine.BootSpec, lim: Limits, saved: state.MachineState,
         host.mkdir(parents=True, exist_ok=True)
         proc.run(["machinectl", "bind", "--mkdir", name, host, inside], timeout=60)
     network.wait_usable(name, network.Attached(zone=record.zone, ipv6=record.ipv6), spec.image,
-                        partial(_has_mark, mine, netplan.READY_MARK))
+                        partial(status.has, mine.leader, mine.status_dev,
+                                netplan.READY_MARK))
     hostname = spec.image_path / "etc" / "hostname"
     try:
         named = hostname.is_file() and bool(hostname.read_text().strip())
@@ -390,30 +383,13 @@ def recycle(cfg: Settings, spec_of: SpecOf) -> list[str]:
     return booted
 
 
-def _units() -> dict[str, float]:
-    """Our pool units (also those stopping) and since when they are in their state."""
-    listed = proc.run(["systemctl", "list-units", "--all", "--plain", "--no-legend", "--full",
-                       f"{identity.UNIT_PREFIX}{PREFIX}*"], capture=True, check=False)
-    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
-    if not names:
-        return {}
-    shown = proc.run(["systemctl", "show", "--timestamp=unix",
-                      "--property=Id,StateChangeTimestamp", *names], capture=True, check=False)
-    out: dict[str, float] = {}
-    unit = ""
-    for line in shown.stdout.splitlines():
-        name, _, value = line.partition("=")
-        if name == "Id":
-            unit = value
-        elif name == "StateChangeTimestamp" and unit:
-            out[unit] = float(value.lstrip("@") or 0)
-    return out
+
 
 
 def known() -> set[str]:
     """Pool machines with a record or a unit (gc keeps their networks and layers)."""
     names = {r.machine for r in records()}
-    for unit in _units():
+    for unit in machine.units_since(f"{identity.UNIT_PREFIX}{PREFIX}*"):
         name = unit.removeprefix(identity.UNIT_PREFIX).removesuffix(".service")
         if is_pool_name(name):
             names.add(name)
@@ -449,7 +425,7 @@ def collect(cfg: Settings, grace: float, do: Do) -> None:
     left without record or unit. A pool machine serving a job is the job's: gc's rules for
     jobs apply to it."""
     now = time.time()
-    units = _units()
+    units = machine.units_since(f"{identity.UNIT_PREFIX}{PREFIX}*")
     serving = _serving()
     recorded = set()
     for record in records():
@@ -491,7 +467,7 @@ def drain(cfg: Settings) -> list[str]:
     serving = _serving()
     idle: dict[str, PoolMachine | None] = {r.machine: r for r in records()
                                            if r.machine not in serving}
-    for unit in _units():
+    for unit in machine.units_since(f"{identity.UNIT_PREFIX}{PREFIX}*"):
         name = unit.removeprefix(identity.UNIT_PREFIX).removesuffix(".service")
         if is_pool_name(name) and name not in serving:
             idle.setdefault(name, None)

@@ -139,15 +139,7 @@ def runtime_max(lim: limits.Limits, this: identity.Job) -> int:
     return min(caps) if caps else 0
 
 
-def _has_mark(st: state.MachineState, name: str) -> bool:
-    """Whether a file `name` is in the machine's RESULTS_INSIDE (executor/status.py)."""
-    fd = status.open_dir(st.leader, st.status_dev)
-    if fd is None:
-        return False
-    try:
-        return status.exists(fd, name)
-    finally:
-        os.close(fd)
+
 
 
 def prepare(cfg: Settings, default_image: str = "") -> None:
@@ -203,7 +195,8 @@ def prepare(cfg: Settings, default_image: str = "") -> None:
             raise SystemFailure(f"machine {this.machine} booted, but its {layout.RESULTS_INSIDE} "
                                 "cannot be read from the host; see journalctl -u " + this.unit)
         network.wait_usable(this.machine, net, spec.image,
-                            partial(_has_mark, saved, netplan.READY_MARK))
+                            partial(status.has, saved.leader, saved.status_dev,
+                                netplan.READY_MARK))
         if lim.user != "root":
             home = machine.ensure_user(this.machine, lim.user, user_dirs)
             saved = saved._replace(user=lim.user, home=home)

@@ -83,6 +83,18 @@ def exists(dir_fd: int, name: str) -> bool:
     return True
 
 
+def has(leader: str, status_dev: int, name: str) -> bool:
+    """Whether a file `name` is in the machine's RESULTS_INSIDE (a mark a unit of the machine
+    leaves, such as its network's being ready)."""
+    fd = open_dir(leader, status_dev)
+    if fd is None:
+        return False
+    try:
+        return exists(fd, name)
+    finally:
+        os.close(fd)
+
+
 def read_small(dir_fd: int, name: str, limit: int = MAX_STATUS) -> bytes | None:
     """At most `limit` bytes of regular file `name`; None for anything else (missing, a link,
     a FIFO, a device, a directory, or larger than `limit`)."""

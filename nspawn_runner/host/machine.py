@@ -212,3 +212,24 @@ def request_stop(unit: str) -> bool:
         raise CommandError(["systemctl", "stop", "--no-block", unit], result.returncode,
                            result.stderr)
     return result.returncode == 0
+
+
+def units_since(pattern: str) -> dict[str, float]:
+    """The units matching `pattern` (also those stopping or failed) and since when each is in
+    its state (seconds since the epoch): gc and the pool judge their age by it."""
+    listed = proc.run(["systemctl", "list-units", "--all", "--plain", "--no-legend", "--full",
+                       pattern], capture=True, check=False)
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+    if not names:
+        return {}
+    shown = proc.run(["systemctl", "show", "--timestamp=unix",
+                      "--property=Id,StateChangeTimestamp", *names], capture=True, check=False)
+    out: dict[str, float] = {}
+    unit = ""
+    for line in shown.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key == "Id":
+            unit = value
+        elif key == "StateChangeTimestamp" and unit:
+            out[unit] = float(value.lstrip("@") or 0)
+    return out
