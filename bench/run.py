@@ -280,6 +280,10 @@ def main(argv: Sequence[str]) -> int:
             samples = jobs.lifecycle(bench, variants, args.rounds, args.warmup)
             results["lifecycle"] = jobs.stats_of(samples)
             results["samples"] = samples
+            if pooled:
+                # Before the other parts: idle pool machines would count as their leftovers.
+                jobs.drain_pool(bench, args.backend_list)
+                wait_clean(30)
         if "stages" in args.parts:
             results["startup_backend"] = args.backend_list[0]
             results["startup"] = jobs.startup(bench, args.startup_rounds, args.backend_list[0])

@@ -54,6 +54,10 @@ PREFIX = "nrp-"
 SCHEMA = 1
 # Properties of a job's unit that a pool machine's unit gets otherwise, or not at all.
 _RUNTIME_MAX = "--property=RuntimeMaxSec="
+_CPU_WEIGHT = "--property=CPUWeight="
+# While it waits, a pool machine (its boot above all) gets the CPU only when no job wants it:
+# a replacement booting beside a job slowed the job's steps by a third (bench/, 2 cores).
+IDLE_CPU_WEIGHT = 1
 _PER_MACHINE = ("--property=ExecStopPost=", "--property=Environment=NSPAWN_RUNNER_RUNTIME_DIR=")
 
 
@@ -243,6 +247,11 @@ def _hand_out(spec: machine.BootSpec, lim: Limits, saved: state.MachineState,
         raise SystemFailure(f"pool machine {name}: its {layout.RESULTS_INSIDE} cannot be read "
                             "from the host")
     state.write(mine, saved.machine)
+    # The job's CPU weight, or systemd's default (an empty value unsets it), as at its boot.
+    weight = next((p.removeprefix(_CPU_WEIGHT) for p in spec.properties
+                   if p.startswith(_CPU_WEIGHT)), "")
+    proc.run(["systemctl", "set-property", "--runtime", mine.unit, f"CPUWeight={weight}"],
+             timeout=30)
     for host, inside in spec.binds:
         # prepare made them (private to root), as for a machine it boots.
         host.mkdir(parents=True, exist_ok=True)
@@ -297,7 +306,8 @@ def _boot(cfg: Settings, spec: machine.BootSpec, lim: Limits, owner: str) -> str
             description=f"nspawn-runner pool machine for image {spec.image}",
             binds=(),  # the job's, bound at hand-out
             nspawn_options=spec.nspawn_options + net.nspawn_options,
-            properties=(*_pool_properties(spec), *reap.unit_properties(name),
+            properties=(*(p for p in _pool_properties(spec) if not p.startswith(_CPU_WEIGHT)),
+                        f"{_CPU_WEIGHT}{IDLE_CPU_WEIGHT}", *reap.unit_properties(name),
                         # After READY=1: up, and may be handed out.
                         f"--property=ExecStartPost={touch} {ready}"))
         if pool_spec.overlay:

@@ -208,6 +208,20 @@ def test_a_pooled_job_is_indistinguishable(driver: Driver) -> None:
     assert f"PartOf=nspawn-runner-{seen['machine']}.service" in seen["timer"]
 
 
+def test_an_idle_pool_machine_yields_the_cpu_until_it_is_handed_out(
+        pooled: PooledDriver) -> None:
+    """A pool machine boots and waits at the lowest CPU weight (a replacement booting beside a
+    job must not slow it), and serves its job with the job's own: here systemd's default, as
+    an unpooled job's unit has it."""
+    (idle,) = wait_ready(pooled)
+    assert sh("systemctl", "show", "-p", "CPUWeight", f"nspawn-runner-{idle}.service"
+              ).split() == ["CPUWeight=1"]
+    result, seen = run_watched(pooled, pooled.job(["touch /run/nspawn-runner/step-started",
+                                                   "sleep 2"]))
+    assert served_from_pool(result) and seen["machine"] == idle
+    assert "CPUWeight=[not set]" in seen["props"].splitlines(), seen["props"]
+
+
 def test_a_pool_machine_of_an_old_version_is_never_handed_out(pooled: PooledDriver) -> None:
     images = pooled.root / "images"
     (old,) = wait_ready(pooled)
