@@ -11,7 +11,6 @@ string of a number and K, M, G or T (powers of 1024, as systemd reads them: `"8G
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -195,6 +194,8 @@ def parse_table(data: Mapping[str, object], parsers: Mapping[str, Parser], where
                 "its keys belong at the top of the file, above the first [table] header")
             raise error(f"{where}: unknown table [{prefix + key}]: {hint}")
         if parser is None:
+            import difflib  # only for the message: every stage reads the settings
+
             close = difflib.get_close_matches(key, [*parsers, *skip], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             if unknown == "error":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,11 +180,28 @@ def kill_guest(machine: str, unit: str) -> None:
         time.sleep(0.1)  # nspawn has not registered the machine yet
 
 
+_TRANSIENT = Path("/run/systemd/transient")
+
+
+def _maybe_loaded(unit: str) -> bool:
+    """Whether systemd may have `unit` loaded. The driver's units are all transient, and
+    systemd keeps a transient unit's file in /run/systemd/transient while it is loaded: looking
+    there spares prepare a `systemctl stop` (9 ms) for the leftover that is almost never
+    there. Where that directory does not exist, systemctl is asked."""
+    if not _TRANSIENT.is_dir():
+        return True
+    return os.path.lexists(_TRANSIENT / unit)
+
+
 def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int,
              discard: bool = False) -> None:
     """Stop the machine and remove its writable layer. Safe to call for a machine that does not
     exist or is half made, and twice in a row. `discard`: the machine is thrown away before any
     job step ran (a failed or cancelled prepare): its guest is killed first (`kill_guest`)."""
+    if not discard and not _maybe_loaded(unit):
+        if overlay is not None and overlay.exists():
+            fs.remove_tree(overlay)
+        return
     if discard:
         kill_guest(machine, unit)
     # `systemctl stop` waits for the stop job: nspawn has powered the guest off, unmounted the

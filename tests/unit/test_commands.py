@@ -59,11 +59,18 @@ def test_paths_with_colons_are_escaped() -> None:
 
 
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fs, "_mount_type", lambda p: "")  # not found: `stat -f` decides
     monkeypatch.setattr(fs, "filesystem", lambda p: "btrfs")
     assert backends.choose("auto", Path("/")) is Backend.BTRFS
     monkeypatch.setattr(fs, "filesystem", lambda p: "ext2/ext3")
     assert backends.choose("auto", Path("/")) is Backend.OVERLAY
     assert backends.choose("volatile", Path("/")) is Backend.VOLATILE
+
+
+def test_mount_type_from_mountinfo() -> None:
+    assert fs._mount_type(Path("/proc")) == "proc"
+    assert fs._mount_type(Path("/proc/self")) == "proc"
+    assert fs._mount_type(Path("/nonexistent")) == ""
 
 
 def test_run_command() -> None:
