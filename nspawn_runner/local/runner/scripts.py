@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from urllib.parse import urlsplit
 
 from nspawn_runner.local.runner.bash import _BashWriter
@@ -19,6 +20,24 @@ from nspawn_runner.local.runner.model import (
 from nspawn_runner.local.runner.payload import _sanitize_cache_key, repo_url
 from nspawn_runner.local.runner.process import _Err
 from nspawn_runner.local.runner.state import _BuildState
+
+
+@contextlib.contextmanager
+def _with_helper(w: _BashWriter, what: str) -> Iterator[None]:
+    """The commands written inside run only where the job's image has gitlab-runner; elsewhere
+    the script warns that `what` is disabled (as gitlab-runner's generated scripts do)."""
+    w.if_cmd("gitlab-runner", "--version")
+    yield
+    w.else_()
+    w.warning(f"Missing gitlab-runner. {what} is disabled.")
+    w.end_if()
+
+
+def _wanted(when: str | None, on_success: bool) -> bool:
+    """Whether a cache or artifact with `when:` is saved after a job that succeeded
+    (`on_success`) or failed."""
+    when = when or "on_success"
+    return when == "always" or (when == "on_success") == on_success
 
 
 class _BuildScripts(_BuildState):
@@ -254,11 +273,8 @@ class _BuildScripts(_BuildState):
                 extra = self._cache_file(self.expand(fallback), w)
                 if extra is not None:
                     keys.append(extra)
-            w.if_cmd("gitlab-runner", "--version")
-            self._write_extract(w, keys)
-            w.else_()
-            w.warning("Missing gitlab-runner. Extracting cache is disabled.")
-            w.end_if()
+            with _with_helper(w, "Extracting cache"):
+                self._write_extract(w, keys)
         if skip:
             return True
         self._change_files_ownership(w, self.cache_dir, self.root_dir)
@@ -269,8 +285,7 @@ class _BuildScripts(_BuildState):
         w.cd(self.build_dir)
         skip = True
         for spec in self.job.cache:
-            when = spec.when or "on_success"
-            if not (when == "always" or (when == "on_success") == on_success):
+            if not _wanted(spec.when, on_success):
                 continue
             args: list[str] = []
             for p in spec.paths:
@@ -286,17 +301,14 @@ class _BuildScripts(_BuildState):
             if not self._check_policy(spec, "push", found[0]):
                 w.notice(f"Not uploading cache {found[0]} due to policy")
                 continue
-            w.if_cmd("gitlab-runner", "--version")
-            w.notice(f"Creating cache {found[0]}...")
-            w.if_cmd_with_output("gitlab-runner", "cache-archiver", "--file", found[1],
-                                 "--timeout", str(self.settings.cache_request_timeout), *args)
-            w.notice("Created cache")
-            w.else_()
-            w.warning("Failed to create cache")
-            w.end_if()
-            w.else_()
-            w.warning("Missing gitlab-runner. Creating cache is disabled.")
-            w.end_if()
+            with _with_helper(w, "Creating cache"):
+                w.notice(f"Creating cache {found[0]}...")
+                w.if_cmd_with_output("gitlab-runner", "cache-archiver", "--file", found[1],
+                                     "--timeout", str(self.settings.cache_request_timeout), *args)
+                w.notice("Created cache")
+                w.else_()
+                w.warning("Failed to create cache")
+                w.end_if()
         return skip
 
     def _script_upload_artifacts(self, w: _BashWriter, on_success: bool) -> bool:
@@ -308,8 +320,7 @@ class _BuildScripts(_BuildState):
         w.cd(self.build_dir)
         skip = True
         for art in self.job.artifacts:
-            when = art.when or "on_success"
-            if not (when == "always" or (when == "on_success") == on_success):
+            if not _wanted(art.when, on_success):
                 continue
             paths: list[str] = []
             for p in art.paths:
@@ -331,12 +342,9 @@ class _BuildScripts(_BuildState):
                 args += ["--artifact-format", art.artifact_format]
             if art.artifact_type:
                 args += ["--artifact-type", art.artifact_type]
-            w.if_cmd("gitlab-runner", "--version")
-            w.notice("Uploading artifacts...")
-            w.command("gitlab-runner", *args)
-            w.else_()
-            w.warning("Missing gitlab-runner. Uploading artifacts is disabled.")
-            w.end_if()
+            with _with_helper(w, "Uploading artifacts"):
+                w.notice("Uploading artifacts...")
+                w.command("gitlab-runner", *args)
         return skip
 
     def _script_download_artifacts(self, w: _BashWriter) -> bool:
@@ -345,11 +353,8 @@ class _BuildScripts(_BuildState):
         w.cd(self.build_dir)
         for name, archive in self.job.dependency_archives:
             w.notice(f"Downloading artifacts for {name} (from its last local run)...")
-            w.if_cmd("gitlab-runner", "--version")
-            w.command("gitlab-runner", "cache-extractor", "--file", archive)
-            w.else_()
-            w.warning("Missing gitlab-runner. Extracting artifacts is disabled.")
-            w.end_if()
+            with _with_helper(w, "Extracting artifacts"):
+                w.command("gitlab-runner", "cache-extractor", "--file", archive)
         return not self.job.dependency_archives
 
     def _script_local_artifacts(self, w: _BashWriter, on_success: bool, archive: str) -> bool:
@@ -358,8 +363,7 @@ class _BuildScripts(_BuildState):
         w.cd(self.build_dir)
         skip = True
         for art in self.job.artifacts:
-            when = art.when or "on_success"
-            if not (when == "always" or (when == "on_success") == on_success):
+            if not _wanted(art.when, on_success):
                 continue
             paths: list[str] = []
             for p in art.paths:
@@ -367,12 +371,9 @@ class _BuildScripts(_BuildState):
             if not paths:
                 continue
             skip = False
-            w.if_cmd("gitlab-runner", "--version")
-            w.notice("Collecting artifacts for the local working tree...")
-            w.command("gitlab-runner", "cache-archiver", "--file", archive, *paths)
-            w.else_()
-            w.warning("Missing gitlab-runner. Collecting artifacts is disabled.")
-            w.end_if()
+            with _with_helper(w, "Collecting artifacts"):
+                w.notice("Collecting artifacts for the local working tree...")
+                w.command("gitlab-runner", "cache-archiver", "--file", archive, *paths)
         return skip
 
     def _script_user(self, w: _BashWriter, stage: str) -> bool:
