@@ -49,7 +49,6 @@ class CommandError(SystemFailure):
         super().__init__(message)
 
 
-
 class CiConfigError(NspawnRunnerError):
     """A .gitlab-ci.yml that GitLab would reject, or a job using what `exec` cannot do."""
 

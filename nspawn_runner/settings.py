@@ -329,7 +329,6 @@ def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Set
     return result
 
 
-
 def _source(cfg: Settings, row: Row) -> tuple[str, str]:
     """("default" | "file" | "environment", the file path or variable name)."""
     origin = cfg.origins.get(row.name, "default")

@@ -59,9 +59,6 @@ class Report:
         return [f"{verb} {i['kind']} {i['item']}: {i['reason']}" for i in self.removed]
 
 
-
-
-
 def _age(path: Path, now: float) -> float:
     try:
         return now - path.lstat().st_mtime

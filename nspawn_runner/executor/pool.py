@@ -234,9 +234,6 @@ def release(job_machine: str, stop_timeout: int) -> None:
                          stop_timeout)
 
 
-
-
-
 def _hand_out(spec: machine.BootSpec, lim: Limits, saved: state.MachineState,
               mine: state.MachineState, user_dirs: Sequence[str], record: PoolMachine) -> None:
     name = mine.machine
@@ -391,9 +388,6 @@ def recycle(cfg: Settings, spec_of: SpecOf) -> list[str]:
     for image, owner in stale.items():
         booted += fill(cfg, spec_of, owner, [image])
     return booted
-
-
-
 
 
 def known() -> set[str]:

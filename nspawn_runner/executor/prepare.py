@@ -139,9 +139,6 @@ def runtime_max(lim: limits.Limits, this: identity.Job) -> int:
     return min(caps) if caps else 0
 
 
-
-
-
 def prepare(cfg: Settings, default_image: str = "") -> None:
     this = identity.load(secret_names=cfg.secret_variables)
     _check_host()

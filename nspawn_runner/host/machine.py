@@ -219,7 +219,6 @@ def teardown(machine: str, unit: str, overlay: Path | None, stop_timeout: int,
         fs.remove_tree(overlay)
 
 
-
 def request_stop(unit: str) -> bool:
     """Ask systemd to stop `unit` and return at once (`--no-block`): the stop job runs on in
     PID 1 whatever happens to us, with the unit's ExecStopPost= at its end. False if there is

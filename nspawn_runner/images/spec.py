@@ -150,7 +150,6 @@ _PARSERS: dict[str, Callable[[object], Any]] = {
 }
 
 
-
 def _limit_rows() -> dict[str, Callable[[object], Any]]:
     """The settings a `[limits]` table may override: those of limits.Limits."""
     from nspawn_runner.host import limits
