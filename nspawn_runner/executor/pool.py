@@ -477,10 +477,7 @@ def drain(cfg: Settings) -> list[str]:
             idle.setdefault(name, None)
     stopped = []
     for name, record in sorted(idle.items()):
-        overlay = Path(record.overlay) if record and record.overlay else None
-        _discard(name, unit_of(name))
-        machine.teardown(name, unit_of(name), overlay, cfg.stop_timeout)
-        reap.reap(name, root=cfg.root)
+        _remove(cfg, name, unit_of(name), record.overlay if record else None)
         stopped.append(name)
     return stopped
 
