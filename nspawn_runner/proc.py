@@ -39,7 +39,11 @@ def child_env() -> dict[str, str]:
 
 
 def _argv(cmd: Argv) -> list[str]:
-    return [os.fspath(c) for c in cmd]
+    """`cmd` as strings, logged as a copy-pasteable line at --verbose."""
+    argv = [os.fspath(c) for c in cmd]
+    if log.verbose():
+        log.debug("+ " + log.redact_argv(argv))
+    return argv
 
 
 def run(
@@ -56,8 +60,6 @@ def run(
     import subprocess
 
     argv = _argv(cmd)
-    if log.verbose():
-        log.debug("+ " + log.redact_argv(argv))
     try:
         proc = subprocess.run(
             argv,
@@ -88,8 +90,6 @@ def spawn(cmd: Argv, *, stdin: int | IO[bytes] | None = None,
     import subprocess
 
     argv = _argv(cmd)
-    if log.verbose():
-        log.debug("+ " + log.redact_argv(argv))
     try:
         return subprocess.Popen(argv, stdin=stdin, stdout=stdout, env=child_env())
     except FileNotFoundError as e:
@@ -132,15 +132,16 @@ class Child:
         if self.returncode is None:
             import signal
 
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                return  # ended meanwhile: poll() reaps it
 
 
 def start(cmd: Argv, *, stdin: int) -> Child:
     """Start `cmd` with `stdin` (a file descriptor) and our stdout/stderr, with os.posix_spawn:
     for the run stage, whose every call would pay for importing subprocess."""
     argv = _argv(cmd)
-    if log.verbose():
-        log.debug("+ " + log.redact_argv(argv))
     import signal  # loaded already: errors.py needs it
 
     actions = [(os.POSIX_SPAWN_DUP2, stdin, 0)] if stdin != 0 else []
